@@ -1,0 +1,3 @@
+from prefopt.cli import app
+
+app(prog_name="prefopt")

@@ -1,0 +1,73 @@
+"""The `prefopt` command line. Each command exists because it works end to end."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.syntax import Syntax
+
+from prefopt.config import ConfigError, RunConfig, TinyModelConfig, load_config
+
+app = typer.Typer(
+    help="prefopt: preference optimisation (DPO, IPO, KTO, SimPO, ORPO, ...) on Ray + DeepSpeed.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+config_app = typer.Typer(help="Inspect run configs.", no_args_is_help=True)
+model_app = typer.Typer(help="Build and inspect models.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+app.add_typer(model_app, name="model")
+
+console = Console()
+err_console = Console(stderr=True)
+
+ConfigArg = Annotated[Path, typer.Argument(help="YAML run config", show_default=False)]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a field: --set train.lr=1e-4 (repeatable)", show_default=False),
+]
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Print a user-facing error without a traceback and exit."""
+    for line in message.splitlines():
+        err_console.print(f"[bold red]error:[/] {line}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def resolve(config: Path | None, overrides: list[str] | None) -> RunConfig:
+    try:
+        return load_config(config, overrides or [])
+    except ConfigError as exc:
+        fail(str(exc))
+        raise  # unreachable; keeps type checkers calm
+
+
+@config_app.command("show")
+def config_show(config: ConfigArg, set_: SetOpt = None) -> None:
+    """Print the resolved config (file + overrides + defaults) as YAML."""
+    cfg = resolve(config, set_)
+    if sys.stdout.isatty():
+        console.print(Syntax(cfg.to_yaml(), "yaml", theme="ansi_dark", background_color="default"))
+    else:
+        sys.stdout.write(cfg.to_yaml())
+
+
+@model_app.command("build-tiny")
+def model_build_tiny(
+    out_dir: Annotated[Path, typer.Argument(help="where to save model and tokenizer")],
+    config: Annotated[Path | None, typer.Option(help="take model.tiny from this run config")] = None,
+    set_: SetOpt = None,
+) -> None:
+    """Build the tiny Llama + locally trained tokenizer and save them in Hugging Face format."""
+    from prefopt.models import save_tiny
+
+    tiny: TinyModelConfig = resolve(config, set_).model.tiny
+    with console.status("training tokenizer and building model"):
+        path = save_tiny(out_dir, tiny)
+    console.print(f"saved tiny model to [bold]{path}[/] (load with AutoModelForCausalLM.from_pretrained)")

@@ -1,0 +1,38 @@
+"""Shared, expensive fixtures: one tiny model for the whole session, one local Ray."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# DeepSpeed must pick its CPU accelerator before it is first imported anywhere.
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def pytest_collection_modifyitems(items):
+    # Tests are marked by folder so that no test can be left out of both CI selections.
+    for item in items:
+        path = str(item.fspath)
+        if f"{os.sep}unit{os.sep}" in path:
+            item.add_marker(pytest.mark.unit)
+        elif f"{os.sep}integration{os.sep}" in path:
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny Llama + tokenizer in Hugging Face format, built once per test session."""
+    from prefopt.config import TinyModelConfig
+    from prefopt.models import save_tiny
+
+    return save_tiny(tmp_path_factory.mktemp("tiny-model"), TinyModelConfig())
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
