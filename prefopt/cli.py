@@ -71,3 +71,17 @@ def model_build_tiny(
     with console.status("training tokenizer and building model"):
         path = save_tiny(out_dir, tiny)
     console.print(f"saved tiny model to [bold]{path}[/] (load with AutoModelForCausalLM.from_pretrained)")
+
+
+@app.command()
+def demo(
+    config: Annotated[Path | None, typer.Argument(help="run config (default: the embedded one)")] = None,
+    set_: SetOpt = None,
+) -> None:
+    """Run the main job on the embedded default: local everything, tiny model, built-in task."""
+    from prefopt.demo import run_demo
+
+    run_demo(resolve(config or DEMO_CONFIG, set_), console)
+
+
+DEMO_CONFIG = Path(__file__).parent / "demo.yaml"
