@@ -85,3 +85,33 @@ def demo(
 
 
 DEMO_CONFIG = Path(__file__).parent / "demo.yaml"
+
+
+from prefopt.tracking.cli import register as register_tracking  # noqa: E402
+
+register_tracking(app)
+
+from prefopt.data.cli import data_app  # noqa: E402
+
+app.add_typer(data_app, name="data")
+
+
+@app.command()
+def train(
+    config: ConfigArg,
+    set_: SetOpt = None,
+    resume: Annotated[
+        bool | None,
+        typer.Option("--resume/--fresh", help="continue from the latest checkpoint / start over "
+                     "(default: resume when output_dir holds a checkpoint)", show_default=False),
+    ] = None,
+) -> None:
+    """Train a policy with an offline algorithm (DPO family, KTO, SFT) on Ray + DeepSpeed."""
+    from prefopt.algorithms.offline import train as train_offline
+    from prefopt.data import DataError
+
+    cfg = resolve(config, set_)
+    try:
+        train_offline(cfg, console, resume=resume)
+    except (DataError, FileNotFoundError, ValueError) as exc:
+        fail(str(exc))

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 # Offline preference losses (see prefopt.losses and REFERENCES.md). `kto` is unpaired.
 PAIRWISE_LOSSES = (
     "dpo", "robust", "hinge", "ipo", "nca_pair", "bco_pair", "sppo_hard", "apo_zero",
-    "apo_down", "discopop", "simpo", "cpo", "orpo",
+    "apo_down", "discopop", "simpo", "cpo", "orpo", "gpo",
 )
 ALGORITHMS = (*PAIRWISE_LOSSES, "kto", "sft")
 
@@ -62,17 +62,35 @@ class ModelConfig(Section):
 
 
 class DataConfig(Section):
-    path: str | None = Field(None, description="JSONL / Parquet / CSV file or saved HF dataset")
+    """Preference data: where it comes from, its format, and how it is cut (docs/data.md)."""
+
+    path: str | None = Field(
+        None,
+        description="JSONL / Parquet / CSV file, a saved HF dataset (save_to_disk), "
+        "or a directory of data files for datasets.load_dataset",
+    )
     task: str | None = Field("imdb_sentiment", description="built-in task when path is null")
     format: Literal[
         "auto", "preference", "conversational", "implicit_prompt", "unpaired", "prompt_only"
     ] = "auto"
     max_length: int = Field(256, ge=2, description="prompt + completion tokens")
-    max_prompt_length: int = Field(64, ge=1)
+    max_prompt_length: int = Field(
+        64, ge=1, description="longer prompts are bad rows (no_room), never cut"
+    )
     on_bad_row: Literal["error", "skip"] = "error"
     packing: bool = True
     num_examples: int | None = Field(None, ge=1, description="cap on examples read (debugging)")
     seed: int = 0
+    split: str = Field(
+        "train", min_length=1, description="split of a HF dataset; train/test of a built-in task"
+    )
+    ignore_columns: list[str] = Field(
+        default_factory=list, description="extra columns to drop (any other extra column is an error)"
+    )
+    assistant_marker: str = Field(
+        "\n\nAssistant:", min_length=1,
+        description="implicit_prompt text format: the prompt ends at the last marker both share",
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> DataConfig:
@@ -93,12 +111,28 @@ class AlgorithmConfig(Section):
     sft_weight: float | None = Field(None, ge=0)
     desirable_weight: float | None = Field(None, gt=0)
     undesirable_weight: float | None = Field(None, gt=0)
+    # The GPO view (name: gpo): loss = function(beta * (score_c - score_r) - gamma).
+    function: Literal["logistic", "hinge", "squared", "exponential", "truncated_squared", "savage"] | None = None
+    score: Literal["sum_logratio", "avg_logratio", "sum_logp", "avg_logp"] | None = None
 
-    def loss_params(self) -> dict[str, float]:
+    def loss_params(self) -> dict[str, float | str]:
         """The parameters the user set, to pass to prefopt.losses as keyword arguments."""
         fields = ("beta", "label_smoothing", "gamma", "tau", "sft_weight",
-                  "desirable_weight", "undesirable_weight")
+                  "desirable_weight", "undesirable_weight", "function", "score")
         return {f: getattr(self, f) for f in fields if getattr(self, f) is not None}
+
+    @model_validator(mode="after")
+    def _params_fit_the_loss(self) -> AlgorithmConfig:
+        # The loss library owns which parameters each loss takes; ask it now, before any
+        # process starts, rather than on the first training step.
+        if self.name == "sft":
+            if self.loss_params():
+                raise ValueError(f"sft takes no loss parameters (got {', '.join(self.loss_params())})")
+            return self
+        from prefopt.losses import resolve_params
+
+        resolve_params(self.name, **self.loss_params())
+        return self
 
 
 class RefConfig(Section):
@@ -152,10 +186,19 @@ class TrainConfig(Section):
 
 
 class TrackingConfig(Section):
-    uri: str | None = Field(None, description="MLflow URI; null uses sqlite in output_dir")
-    experiment: str = "prefopt"
-    run_name: str | None = None
-    log_model: bool = True
+    """Where the controller logs the run (see prefopt.tracking and docs/tracking.md)."""
+
+    uri: str | None = Field(
+        None,
+        description="MLflow tracking URI (http://host:5000, sqlite:///..., postgresql://...); "
+        "null: sqlite:///<parent of output_dir>/mlflow.db, artifacts in mlartifacts/ beside it",
+    )
+    experiment: str = Field("prefopt", min_length=1)
+    run_name: str | None = Field(None, description="null: '<algorithm>-<YYYYmmdd-HHMMSS>'")
+    log_model: bool = Field(True, description="log the exported model directory as artifacts")
+    register_model: str | None = Field(
+        None, min_length=1, description="also register the logged model under this name"
+    )
 
 
 class EvalConfig(Section):

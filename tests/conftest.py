@@ -36,3 +36,16 @@ def tiny_tokenizer(tiny_model_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray instance for every integration test that drives workers in-process."""
+    import ray
+
+    from prefopt.cluster.ray_setup import connect
+    from prefopt.config import ClusterConfig
+
+    connect(ClusterConfig(num_workers=2))
+    yield ray
+    ray.shutdown()

@@ -12,7 +12,7 @@ def test_yaml_values_reach_the_tree():
     cfg = load_config(TINY)
     assert cfg.algorithm.name == "dpo"
     assert cfg.train.max_steps == 20
-    assert cfg.data.max_prompt_length == 16
+    assert cfg.data.max_prompt_length == 48
     # Untouched fields keep their defaults.
     assert cfg.tracking.experiment == RunConfig().tracking.experiment
 
@@ -119,3 +119,22 @@ def test_yaml_round_trip_is_identity(tmp_path):
     dumped = tmp_path / "resolved.yaml"
     dumped.write_text(cfg.to_yaml())
     assert load_config(dumped) == cfg
+
+
+def test_config_and_loss_library_agree_on_loss_names():
+    from prefopt import config, losses
+
+    assert set(config.PAIRWISE_LOSSES) == set(losses.PAIRWISE_LOSSES)
+    assert set(config.ALGORITHMS) - set(config.PAIRWISE_LOSSES) == {*losses.UNPAIRED_LOSSES, "sft"}
+
+
+def test_loss_params_are_checked_by_the_loss_library():
+    from prefopt.losses import resolve_params
+
+    cfg = load_config(TINY, ["algorithm.name=gpo", "algorithm.function=hinge", "algorithm.score=avg_logp"])
+    assert resolve_params("gpo", **cfg.algorithm.loss_params())["function"] == "hinge"
+    # A parameter the chosen loss does not take fails at load time, naming the section.
+    with pytest.raises(ConfigError, match=r"algorithm: loss 'dpo' does not take parameter 'gamma'"):
+        load_config(TINY, ["algorithm.name=dpo", "algorithm.gamma=1.0"])
+    with pytest.raises(ConfigError, match="sft takes no loss parameters"):
+        load_config(TINY, ["algorithm.name=sft"])  # the tiny DPO config sets beta

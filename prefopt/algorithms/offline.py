@@ -1,0 +1,282 @@
+"""Offline preference training (DPO family, KTO, SFT): the whole algorithm in one file.
+
+Worker side (runs inside each PolicyWorker / ReferenceWorker):
+    sequence_logps_of_rows   rows -> summed completion log-probs, one forward per micro-batch
+    micro_batch_loss         rows -> (loss, metrics) with prefopt.losses
+
+Controller side (the driver):
+    train(cfg)               data -> reference log-probs -> policy group -> steps -> export
+
+The controller ships step numbers, never tensors: every worker opens the tokenized data and
+the reference log-probs from their paths and reads its own rows (prefopt.cluster.sharding).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from prefopt.config import RunConfig
+
+log = logging.getLogger("prefopt.train")
+
+CHECKPOINTS = "checkpoints"
+STATE_FILE = "trainer_state.json"
+
+
+# =============================================================================== worker side
+
+
+def forward_logps(model, data, indices: list[int], cfg: RunConfig) -> tuple[dict, dict]:
+    """One forward over the rows' sequences -> ({role: logps [B]}, {role: lengths [B]}).
+
+    Roles: pairs -> chosen, rejected; unpaired (KTO) -> completion, kl.
+    """
+    from prefopt.data import collate
+    from prefopt.models.logprobs import sequence_logps
+
+    rows = data.rows(indices)
+    batch = collate(rows, pad_token_id=data.pad_token_id, packing=cfg.data.packing,
+                    max_length=data.max_length)
+    logps, lengths = sequence_logps(model, batch)  # [2B], [2B]
+    b = len(rows)
+    first, second = ("chosen", "rejected") if data.kind == "pair" else ("completion", "kl")
+    extra = {"desirable": batch["desirable"]} if "desirable" in batch else {}
+    return ({first: logps[:b], second: logps[b:]},
+            {first: lengths[:b], second: lengths[b:], "tokens": int(batch["input_ids"].ne(data.pad_token_id).sum()), **extra})
+
+
+@torch.no_grad()
+def sequence_logps_of_rows(model, data, indices: list[int], cfg: RunConfig) -> dict[str, torch.Tensor]:
+    """Reference side: fp32 summed log-probs of the rows, by role (what the cache stores)."""
+    logps, _ = forward_logps(model, data, indices, cfg)
+    return {role: v.float().cpu() for role, v in logps.items()}
+
+
+def micro_batch_loss(model, data, indices: list[int], cfg: RunConfig, ref: dict[str, np.ndarray] | None):
+    """-> (loss scalar, metrics {name: float}, non-padding tokens) for one micro-batch."""
+    from prefopt.losses import pairwise_loss, resolve_params, unpaired_loss
+
+    name = cfg.algorithm.name
+    logps, info = forward_logps(model, data, indices, cfg)
+    ref_of = (lambda role: torch.as_tensor(ref[role][indices])) if ref is not None else (lambda role: None)
+    if name == "sft":
+        # Mean token NLL of each chosen completion, averaged over examples: per-example means
+        # keep the loss independent of how examples are split across ranks and micro-batches.
+        role = "chosen" if "chosen" in logps else "completion"
+        per_example = -logps[role] / info[role].clamp(min=1)
+        loss = per_example.mean()
+        metrics = {"loss": loss.item(), f"logps/{role}": logps[role].mean().item()}
+    elif name == "kto":
+        params = resolve_params(name, **cfg.algorithm.loss_params())
+        out = unpaired_loss(name, policy_logps=logps["completion"], ref_logps=ref_of("completion"),
+                            desirable=info["desirable"], kl_policy_logps=logps["kl"],
+                            kl_ref_logps=ref_of("kl"), lengths=info["completion"], **params)
+        loss, metrics = out.loss, {"loss": out.loss.item(), **out.metrics}
+    else:
+        params = resolve_params(name, **cfg.algorithm.loss_params())
+        out = pairwise_loss(name, policy_chosen_logps=logps["chosen"], policy_rejected_logps=logps["rejected"],
+                            ref_chosen_logps=ref_of("chosen"), ref_rejected_logps=ref_of("rejected"),
+                            chosen_lengths=info["chosen"], rejected_lengths=info["rejected"], **params)
+        loss, metrics = out.loss, {"loss": out.loss.item(), **out.metrics}
+    return loss, metrics, info["tokens"]
+
+
+# =============================================================================== controller side
+
+
+def needs_reference_model(cfg: RunConfig) -> bool:
+    from prefopt.losses import needs_reference
+
+    if cfg.algorithm.name == "sft":
+        return False
+    return needs_reference(cfg.algorithm.name, **cfg.algorithm.loss_params())
+
+
+def compute_reference_logps(cfg: RunConfig, model_dir: Path, data, out_file: Path, console) -> Path:
+    """Reference log-probs of every row, computed by a pool of ReferenceWorkers, one Parquet file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import ray
+    from ray.util import ActorPool
+    from rich.progress import Progress
+
+    from prefopt.workers.reference import ReferenceWorker
+
+    if out_file.is_file():
+        return out_file
+    remote = ray.remote(num_cpus=cfg.cluster.cpus_per_worker)(ReferenceWorker)
+    actors = [remote.remote(cfg.model_dump_json(), str(model_dir), str(data.path))
+              for _ in range(cfg.ref.num_replicas)]
+    chunk = max(1, cfg.train.micro_batch_size)
+    chunks = [list(range(s, min(s + chunk, data.num_rows))) for s in range(0, data.num_rows, chunk)]
+    columns: dict[str, list[np.ndarray]] = {}
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("reference log-probs", total=data.num_rows)
+        for result in ActorPool(actors).map(lambda a, idx: a.logps.remote(idx), chunks):
+            for role, values in result.items():
+                columns.setdefault(role, []).append(values)
+            progress.advance(task, len(next(iter(result.values()))))
+    for actor in actors:
+        ray.kill(actor)
+    table = pa.table({role: np.concatenate(parts).astype(np.float32) for role, parts in columns.items()})
+    tmp = out_file.with_suffix(".tmp")
+    pq.write_table(table, tmp)
+    tmp.replace(out_file)  # atomic: a half-written file is never read
+    return out_file
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    model_dir: Path
+    final_metrics: dict[str, float]
+    steps: int
+    run_id: str
+    timings: dict[str, float]
+
+
+def _latest_checkpoint(output_dir: Path) -> tuple[str, dict] | None:
+    """The newest complete checkpoint (one with a state file), ignoring any half-written one."""
+    complete = []
+    for state_file in (output_dir / CHECKPOINTS).glob(f"step*/{STATE_FILE}"):
+        state = json.loads(state_file.read_text())
+        complete.append((state["step"], state_file.parent.name, state))
+    if not complete:
+        return None
+    _, tag, state = max(complete)
+    return tag, state
+
+
+def _mean(per_rank: list[dict[str, float]]) -> dict[str, float]:
+    keys = per_rank[0].keys()
+    out = {k: float(np.mean([m[k] for m in per_rank])) for k in keys if k not in ("tokens", "step_seconds")}
+    out["tokens"] = float(sum(m["tokens"] for m in per_rank))
+    out["step_seconds"] = max(m["step_seconds"] for m in per_rank)
+    return out
+
+
+def train(cfg: RunConfig, console, *, resume: bool | None = None) -> TrainResult:
+    """Run offline training end to end. resume: None = resume if a checkpoint exists."""
+    from transformers import AutoTokenizer
+
+    from prefopt.cluster.ray_setup import connect
+    from prefopt.cluster.worker_group import WorkerGroup
+    from prefopt.data import prepare
+    from prefopt.models import ensure_model
+    from prefopt.tracking import Tracker
+    from prefopt.tracking.tracker import TAG_DATA_FINGERPRINT
+    from prefopt.workers.policy import PolicyWorker
+
+    timings: dict[str, float] = {}
+    output_dir = Path(cfg.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint = _latest_checkpoint(output_dir)
+    if resume is True and checkpoint is None:
+        raise FileNotFoundError(f"--resume: no checkpoint in {output_dir / CHECKPOINTS}")
+    if resume is False and checkpoint is not None:
+        shutil.rmtree(output_dir / CHECKPOINTS)
+        checkpoint = None
+    if checkpoint is None:
+        (output_dir / "metrics.jsonl").unlink(missing_ok=True)
+    (output_dir / "config.yaml").write_text(cfg.to_yaml())
+
+    with console.status("model and tokenizer"):
+        model_dir = ensure_model(cfg.model, output_dir)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    with console.status("reading, validating and tokenizing the data"):
+        data = prepare(cfg, tokenizer, output_dir / "data")
+    console.print(f"data: {data.report.summary()}  [dim]fingerprint {data.fingerprint[:16]}[/]")
+    if checkpoint is not None and checkpoint[1].get("data_fingerprint") not in (None, data.fingerprint):
+        raise ValueError(f"{output_dir / CHECKPOINTS / checkpoint[0]}: the checkpoint was trained on other "
+                         f"data (fingerprint {checkpoint[1]['data_fingerprint'][:16]}, now "
+                         f"{data.fingerprint[:16]}); use --fresh or another output_dir")
+
+    connect(cfg.cluster)
+    ref_file = None
+    if needs_reference_model(cfg):
+        if cfg.ref.mode == "none":
+            raise ValueError(f"algorithm.name={cfg.algorithm.name} needs a reference model, but ref.mode is none")
+        t0 = time.perf_counter()
+        ref_file = compute_reference_logps(cfg, model_dir, data,
+                                           output_dir / f"ref-logps-{data.fingerprint[:16]}.parquet", console)
+        timings["reference_seconds"] = time.perf_counter() - t0
+
+    with Tracker.start(cfg, run_id=checkpoint[1].get("mlflow_run_id") if checkpoint else None,
+                       tags={TAG_DATA_FINGERPRINT: data.fingerprint}) as tracker:
+        tracker.log_config()
+        t0 = time.perf_counter()
+        with console.status(f"starting {cfg.cluster.num_workers} policy worker(s)"):
+            group = WorkerGroup(PolicyWorker, cfg.cluster, name="policy", init_args=(cfg.model_dump_json(),))
+        try:
+            infos = group.call("setup", model_dir=str(model_dir), data_path=str(data.path),
+                               ref_logps_path=str(ref_file) if ref_file else None)
+            timings["startup_seconds"] = time.perf_counter() - t0
+            console.print(f"policy: {group.size} rank(s), ZeRO stage {cfg.deepspeed.zero_stage}, "
+                          f"{infos[0]['param_bytes'] / 2**20:.2f} MiB of parameters on rank 0")
+            start_step = 0
+            if checkpoint is not None:
+                tag, state = checkpoint
+                group.call("load_checkpoint", str(output_dir / CHECKPOINTS), tag)
+                start_step = state["step"]
+                _truncate_metrics(output_dir / "metrics.jsonl", start_step)
+                console.print(f"resumed from {output_dir / CHECKPOINTS / tag} at step {start_step}")
+            state = {"data_fingerprint": data.fingerprint, "mlflow_run_id": tracker.run_id}
+            metrics = _loop(cfg, group, start_step, output_dir, console, tracker, state)
+            export_dir = output_dir / "model"
+            with console.status("exporting the policy"):
+                group.call("export", str(export_dir), str(model_dir))
+        finally:
+            group.shutdown()
+        console.print(f"exported policy to [bold]{export_dir}[/]")
+        with console.status("logging the model to MLflow"):
+            tracker.log_model_dir(export_dir)
+    return TrainResult(output_dir, export_dir, metrics, cfg.train.max_steps, tracker.run_id, timings)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metrics logged after the checkpoint we resume from: those steps run again."""
+    if path.is_file():
+        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in kept))
+
+
+def _loop(cfg: RunConfig, group, start_step: int, output_dir: Path, console, tracker, state: dict
+          ) -> dict[str, float]:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    metrics: dict[str, float] = {}
+    columns = [TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+               TextColumn("{task.fields[info]}")]
+    with Progress(*columns, console=console) as progress, (output_dir / "metrics.jsonl").open("a") as log_file:
+        task = progress.add_task("train", total=cfg.train.max_steps, completed=start_step, info="")
+        for step in range(start_step, cfg.train.max_steps):
+            t0 = time.perf_counter()
+            metrics = _mean(group.call("train_step", step))
+            metrics["tokens_per_second"] = metrics["tokens"] / max(time.perf_counter() - t0, 1e-9)
+            done = step + 1
+            log_file.write(json.dumps({"step": done, **metrics}) + "\n")
+            log_file.flush()
+            if done % cfg.train.log_steps == 0 or done == cfg.train.max_steps:
+                tracker.log_metrics(metrics, step=done)
+            acc = metrics.get("rewards/accuracies")
+            info = f"loss {metrics['loss']:.4f}" + (f"  acc {acc:.2f}" if acc is not None else "")
+            progress.update(task, advance=1, info=info + f"  {metrics['tokens_per_second']:.0f} tok/s")
+            if done % cfg.train.save_steps == 0 or done == cfg.train.max_steps:
+                _save(group, output_dir, done, state)
+    return metrics
+
+
+def _save(group, output_dir: Path, step: int, state: dict) -> None:
+    tag = f"step{step}"
+    directory = output_dir / CHECKPOINTS
+    group.call("save_checkpoint", str(directory), tag, {"step": step})
+    # Written after every rank has saved: a state file means the checkpoint is complete.
+    (directory / tag / STATE_FILE).write_text(json.dumps({"step": step, **state}))

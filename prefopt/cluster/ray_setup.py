@@ -1,0 +1,30 @@
+"""Connect to Ray: a local instance by default, or a cluster at `cluster.address`."""
+
+from __future__ import annotations
+
+import os
+
+from prefopt.config import ClusterConfig
+
+# Workers inherit these through the runtime env, so a remote cluster behaves like the laptop.
+WORKER_ENV = ("DS_ACCELERATOR", "TOKENIZERS_PARALLELISM", "HF_HUB_OFFLINE", "OMP_NUM_THREADS")
+
+
+def connect(cluster: ClusterConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {k: os.environ[k] for k in WORKER_ENV if k in os.environ}
+    if cluster.gpus_per_worker == 0:
+        env.setdefault("DS_ACCELERATOR", "cpu")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    kwargs: dict = {"runtime_env": {"env_vars": env}, "log_to_driver": True}
+    if cluster.address is None:
+        # A local instance sized for the job even on a 1-core laptop: CPU "slots" are logical.
+        need = cluster.num_workers * cluster.cpus_per_worker + 1
+        kwargs.update(num_cpus=max(os.cpu_count() or 1, int(need + 0.999)), include_dashboard=False)
+    else:
+        kwargs["address"] = cluster.address
+    ray.init(**kwargs)

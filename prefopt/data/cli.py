@@ -1,0 +1,84 @@
+"""`prefopt data validate CONFIG`: check a data set before renting GPUs.
+
+Runs everything `prepare` runs except writing (read, validate, tokenize with the run's tokenizer,
+fingerprint) and prints the report. Exit status: 0 when the run would start, 1 when bad rows
+would stop it (data.on_bad_row: error), 2 when the source itself is unusable.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+data_app = typer.Typer(help="Check preference data.", no_args_is_help=True)
+console = Console()
+
+# Defined here rather than imported: prefopt.cli imports this module when it is loaded.
+ConfigArg = Annotated[Path, typer.Argument(help="YAML run config", show_default=False)]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a field: --set data.path=pairs.jsonl (repeatable)",
+                 show_default=False),
+]
+
+
+@data_app.command("validate")
+def validate(
+    config: ConfigArg,
+    set_: SetOpt = None,
+    show: Annotated[int, typer.Option(help="problems to print (all are counted)")] = 20,
+) -> None:
+    """Read, validate and tokenize the run's data; print what would be kept, cut and dropped."""
+    from prefopt.cli import fail, resolve
+    from prefopt.data.fingerprint import fingerprint, tokenizer_fingerprint
+    from prefopt.data.prepare import check
+    from prefopt.data.report import describe_reason
+    from prefopt.data.sources import DataError
+
+    cfg = resolve(config, set_)
+    with console.status("loading the tokenizer"):
+        tokenizer = _load_tokenizer(cfg)
+    try:
+        with console.status("reading, validating and tokenizing"):
+            checked = check(cfg, tokenizer)
+    except DataError as exc:
+        fail(str(exc))
+    report = checked.report
+
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_row("source", report.source)
+    table.add_row("format", report.format)
+    table.add_row("rows", f"{report.rows_kept} kept of {report.rows_read} read")
+    for reason, n in report.dropped.items():
+        table.add_row(f"  bad: {reason}", f"{n}  [dim]{describe_reason(reason)}[/]")
+    for name, n in report.truncated.items():
+        table.add_row(f"  truncated: {name}", f"{n}  [dim]completion cut to data.max_length={cfg.data.max_length}[/]")
+    if report.rows_kept:
+        fp = fingerprint(checked.table, format=report.format,
+                         tokenizer_id=tokenizer_fingerprint(tokenizer),
+                         max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length)
+        table.add_row("fingerprint", fp[:16])
+    console.print(table)
+    for line in report.problem_lines(show):
+        console.print(line, highlight=False, soft_wrap=True)
+
+    if report.problems and cfg.data.on_bad_row == "error":
+        console.print(f"[bold red]{len(report.problems)} bad row(s):[/] the run would stop "
+                      "(fix them, or set data.on_bad_row=skip to drop them)")
+        raise typer.Exit(1)
+    if report.rows_kept == 0:
+        fail("no usable rows")
+    verdict = "ok" if not report.problems else f"ok, {len(report.problems)} bad row(s) would be skipped"
+    console.print(f"[bold green]{verdict}[/]")
+
+
+def _load_tokenizer(cfg):
+    from transformers import AutoTokenizer
+
+    from prefopt.models import ensure_model
+
+    return AutoTokenizer.from_pretrained(ensure_model(cfg.model, cfg.output_dir))

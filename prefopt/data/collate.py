@@ -1,0 +1,140 @@
+"""Rows of TokenizedData -> one batch of tensors for one forward pass, padded or packed.
+
+Sequence order (N sequences, B rows):
+- pairs:    sequence i < B is prompt_i + chosen_i, sequence B + i is prompt_i + rejected_i, so
+            logps[:B] are chosen and logps[B:] rejected. Chosen and rejected go through one
+            forward pass: one all-gather of ZeRO-3 parameters instead of two.
+- unpaired: sequence i < B is prompt_i + completion_i; sequence B + i is the KL pair
+            prompt_i + completion_{(i+1) mod B} (KTO's mismatched pairs, rotated by one).
+- prompts:  left-padded prompts for generation (packing does not apply).
+
+Keys (R rows of T tokens: R = N, padded; R = 1, packed):
+    input_ids       [R, T] long
+    position_ids    [R, T] long   0.. within each sequence (reset at each packed boundary)
+    attention_mask  [R, T] long   1 = token, 0 = padding. Absent when packed: the model then
+                                  reads the boundaries from position_ids (prefopt.models.logprobs)
+    labels          [R, T] long   labels[r, t] = input_ids[r, t + 1] when that token is a
+                                  completion token of the same sequence, else -100
+    loss_mask       [R, T] bool   labels != -100: logits at t predict a completion token
+    seq_index       [R, T] long   sequence (0..N-1) each token belongs to; -1 for padding
+    lengths         [N] long      completion tokens per sequence (= loss_mask tokens)
+    example_index   [B] long      TokenizedData positions of the rows (the RefCache key)
+    desirable       [B] bool      unpaired only: the rows' labels
+Prompt batches: input_ids [B, P] and attention_mask [B, P], left-padded, and example_index.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+IGNORE = -100
+
+
+def _sequences(rows: Sequence[dict], max_length: int | None) -> tuple[list, list]:
+    """(prompt ids, completion ids) of every sequence of the batch, in batch order."""
+    kind = _kind(rows)
+    if kind == "pair":
+        prompts = [r["prompt_ids"] for r in rows] * 2
+        completions = [r["chosen_ids"] for r in rows] + [r["rejected_ids"] for r in rows]
+        return prompts, completions
+    b = len(rows)
+    if b < 2:
+        raise ValueError("unpaired (KTO) batches need at least 2 rows: the KL term pairs each "
+                         "prompt with another row's completion")
+    prompts = [r["prompt_ids"] for r in rows] * 2
+    completions = [r["completion_ids"] for r in rows]
+    mismatched = [rows[(i + 1) % b]["completion_ids"] for i in range(b)]
+    if max_length is not None:  # a mismatched pair can be longer than any real one
+        mismatched = [c[: max(1, max_length - len(p))] for p, c in zip(prompts[:b], mismatched, strict=True)]
+    return prompts, completions + mismatched
+
+
+def _kind(rows: Sequence[dict]) -> str:
+    if not rows:
+        raise ValueError("cannot collate an empty batch")
+    first = rows[0]
+    return "pair" if "chosen_ids" in first else "unpaired" if "completion_ids" in first else "prompt"
+
+
+def collate(rows: Sequence[dict], *, pad_token_id: int, packing: bool,
+            max_length: int | None = None) -> dict[str, torch.Tensor]:
+    """One batch for TokenizedData rows of any kind (see the module docstring for the layout).
+
+    max_length: cut KTO's mismatched KL sequences to it (real ones already fit).
+    """
+    kind = _kind(rows)
+    if kind == "prompt":
+        return collate_prompts(rows, pad_token_id=pad_token_id)
+    prompts, completions = _sequences(rows, max_length)
+    batch = pack(prompts, completions) if packing else pad(prompts, completions, pad_token_id)
+    batch["example_index"] = torch.tensor([r.get("index", -1) for r in rows], dtype=torch.long)
+    if kind == "unpaired":
+        batch["desirable"] = torch.tensor([bool(r["label"]) for r in rows], dtype=torch.bool)
+    return batch
+
+
+def _targets(prompt: list[int], completion: list[int]) -> list[int]:
+    """Shifted labels of one sequence: position t predicts token t + 1 if it is a completion token."""
+    if not prompt:
+        raise ValueError("a sequence needs at least one prompt token to predict its completion")
+    return [IGNORE] * (len(prompt) - 1) + list(completion) + [IGNORE]
+
+
+def pad(prompts: list[list[int]], completions: list[list[int]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded [N, T] batch (T = longest sequence)."""
+    n = len(prompts)
+    lengths = [len(p) + len(c) for p, c in zip(prompts, completions, strict=True)]
+    t = max(lengths)
+    input_ids = torch.full((n, t), pad_token_id, dtype=torch.long)
+    labels = torch.full((n, t), IGNORE, dtype=torch.long)
+    attention_mask = torch.zeros((n, t), dtype=torch.long)
+    seq_index = torch.full((n, t), -1, dtype=torch.long)
+    for i, (p, c) in enumerate(zip(prompts, completions, strict=True)):
+        length = lengths[i]
+        input_ids[i, :length] = torch.tensor(p + c)
+        labels[i, :length] = torch.tensor(_targets(p, c))
+        attention_mask[i, :length] = 1
+        seq_index[i, :length] = i
+    # Right padding keeps every sequence at positions 0..len-1, exactly as when packed.
+    position_ids = torch.arange(t).expand(n, t).clone()
+    return {
+        "input_ids": input_ids, "position_ids": position_ids, "attention_mask": attention_mask,
+        "labels": labels, "loss_mask": labels != IGNORE, "seq_index": seq_index,
+        "lengths": torch.tensor([len(c) for c in completions], dtype=torch.long),
+    }
+
+
+def pack(prompts: list[list[int]], completions: list[list[int]]) -> dict[str, torch.Tensor]:
+    """All sequences concatenated into one [1, S] row, positions restarting at 0 for each."""
+    ids, pos, labels, seq = [], [], [], []
+    for i, (p, c) in enumerate(zip(prompts, completions, strict=True)):
+        ids += p + c
+        pos += range(len(p) + len(c))
+        # The last token of a sequence predicts nothing: the next token belongs to another one.
+        labels += _targets(p, c)
+        seq += [i] * (len(p) + len(c))
+    labels_t = torch.tensor([labels], dtype=torch.long)
+    return {
+        "input_ids": torch.tensor([ids], dtype=torch.long),
+        "position_ids": torch.tensor([pos], dtype=torch.long),
+        "labels": labels_t, "loss_mask": labels_t != IGNORE,
+        "seq_index": torch.tensor([seq], dtype=torch.long),
+        "lengths": torch.tensor([len(c) for c in completions], dtype=torch.long),
+    }
+
+
+def collate_prompts(rows: Sequence[dict], *, pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Left-padded prompts [B, P] for generate(): new tokens then follow every prompt directly."""
+    prompts = [r["prompt_ids"] for r in rows]
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        input_ids[i, width - len(p):] = torch.tensor(p)
+        attention_mask[i, width - len(p):] = 1
+    return {
+        "input_ids": input_ids, "attention_mask": attention_mask,
+        "example_index": torch.tensor([r.get("index", -1) for r in rows], dtype=torch.long),
+    }

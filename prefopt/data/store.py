@@ -1,0 +1,114 @@
+"""Tokenized data on disk: written once, opened by any process from its path, read by row.
+
+Layout of a `TokenizedData` directory (named `tokenized-<fingerprint[:16]>`):
+    examples.arrow   Arrow IPC file, one row per example (columns below), memory-mapped on read
+    manifest.json    fingerprint, format, row count, lengths, token ids, report; written last
+
+Columns by format kind:
+    pair       row, prompt_ids, chosen_ids, rejected_ids
+    unpaired   row, prompt_ids, completion_ids, label
+    prompt     row, prompt_ids, prompt
+`row` is the 1-based source row; ids are int32 lists, each completion ending in one EOS unless
+truncated (prefopt.data.tokenize). An Arrow IPC file is memory-mapped, so a Ray worker that
+opens it reads only the pages of the rows it takes, and all workers on a host share them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+
+from prefopt.data.report import DataReport
+
+MANIFEST = "manifest.json"
+EXAMPLES = "examples.arrow"
+
+
+def _schema(columns: dict[str, list]) -> pa.Schema:
+    types = {"row": pa.int64(), "label": pa.bool_(), "prompt": pa.string()}
+    return pa.schema([(name, types.get(name, pa.list_(pa.int32()))) for name in columns])
+
+
+def to_table(columns: dict[str, list]) -> pa.Table:
+    return pa.table(columns, schema=_schema(columns))
+
+
+@dataclass
+class TokenizedData:
+    """Tokenized examples plus what produced them. Pickles as its path (cheap to ship to Ray)."""
+
+    path: Path
+    fingerprint: str
+    format: str
+    num_rows: int
+    report: DataReport
+    max_length: int
+    max_prompt_length: int
+    pad_token_id: int
+    eos_token_id: int
+    _table: pa.Table | None = field(default=None, repr=False)
+
+    def __len__(self) -> int:
+        return self.num_rows
+
+    @property
+    def kind(self) -> str:
+        """pair, unpaired or prompt (see prefopt.data.formats.FormatSpec.kind)."""
+        return {"unpaired": "unpaired", "prompt_only": "prompt"}.get(self.format, "pair")
+
+    @property
+    def table(self) -> pa.Table:
+        if self._table is None:
+            with pa.memory_map(str(self.path / EXAMPLES)) as source:
+                self._table = pa.ipc.open_file(source).read_all()
+        return self._table
+
+    def rows(self, indices: Sequence[int]) -> list[dict]:
+        """Rows by position (0-based), each with its position as "index" (the RefCache key)."""
+        taken = self.table.take(pa.array(indices, type=pa.int64())).to_pylist()
+        for index, row in zip(indices, taken, strict=True):
+            row["index"] = int(index)
+        return taken
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> TokenizedData:
+        path = Path(path)
+        manifest_file = path / MANIFEST
+        if not manifest_file.is_file():
+            raise FileNotFoundError(f"{path}: not tokenized data (no {MANIFEST}); run prefopt.data.prepare")
+        m = json.loads(manifest_file.read_text())
+        return cls(path, m["fingerprint"], m["format"], m["num_rows"], DataReport.from_dict(m["report"]),
+                   m["max_length"], m["max_prompt_length"], m["pad_token_id"], m["eos_token_id"])
+
+    def __reduce__(self):
+        return (TokenizedData.open, (str(self.path),))
+
+
+def write(out_dir: Path, table: pa.Table, manifest: dict) -> Path:
+    """Write table + manifest to out_dir/tokenized-<fp>, atomically; reuse it if it exists."""
+    final = out_dir / f"tokenized-{manifest['fingerprint'][:16]}"
+    if (final / MANIFEST).is_file():
+        return final
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # Write beside the target, then rename: readers never see a half-written directory, and a
+    # process that loses a race to write the same fingerprint just discards its copy.
+    tmp = out_dir / f".tmp-{uuid.uuid4().hex}"
+    tmp.mkdir()
+    try:
+        with pa.OSFile(str(tmp / EXAMPLES), "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
+            w.write_table(table)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        os.rename(tmp, final)
+    except OSError:
+        if not (final / MANIFEST).is_file():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final

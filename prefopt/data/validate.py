@@ -1,0 +1,233 @@
+"""Check every row before any compute; turn each good row into an `Example`.
+
+A problem names the source, the row (1-based, and says so) and the field, e.g.
+
+    data/hh.jsonl: line 7 (1-based), field 'chosen': same text as 'rejected'
+
+All rows are checked, so a user sees every problem at once rather than one per run. Whether a
+problem stops the run or drops its row is `data.on_bad_row`'s call (prefopt.data.prepare).
+`REASONS` lists every reason a row can be refused; tokenize.py adds the ones that need tokens.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from prefopt.data.formats import FormatSpec
+from prefopt.data.sources import Source
+
+ROLES = ("system", "user", "assistant")
+
+REASONS = {
+    "bad_json": "a line that is not a JSON object",
+    "missing_value": "a null or absent value",
+    "not_string": "a value that should be a string is not",
+    "not_messages": "a value that should be a list of {role, content} messages is not",
+    "empty": "an empty (or whitespace-only) prompt, completion or message",
+    "unknown_role": f"a message role other than {', '.join(ROLES)}",
+    "prompt_ends_with_assistant": "a prompt conversation whose last message is the assistant's",
+    "not_assistant_last": "a conversation that does not end with an assistant message",
+    "completion_turns": "a completion that is not exactly one assistant turn",
+    "identical": "chosen identical to rejected",
+    "bad_label": "an unpaired label that is not true/false",
+    "no_shared_prompt": "implicit prompt: chosen and rejected share no prompt",
+    "template_error": "the chat template failed or did not render the prompt as a prefix",
+    "eos_in_text": "a completion containing the EOS token before its end",
+    "no_room": "a prompt longer than data.max_prompt_length, leaving no room for the completion",
+    "identical_after_truncation": "chosen and rejected identical once tokenized and truncated",
+}
+
+
+@dataclass(frozen=True)
+class Problem:
+    source: str
+    row: int | None  # 1-based; None for a problem of the whole source
+    field: str | None  # e.g. "chosen", "prompt[2].role"
+    reason: str  # a key of REASONS
+    message: str
+    row_word: str = "row"
+
+    def __str__(self) -> str:
+        where = self.source
+        if self.row is not None:
+            where += f": {self.row_word} {self.row} (1-based)"
+        if self.field is not None:
+            where += f", field '{self.field}'"
+        return f"{where}: {self.message}"
+
+
+@dataclass
+class Example:
+    """A row that passed validation. Text or message lists, as in the source."""
+
+    row: int  # 1-based row number in the source
+    prompt: str | list[dict]
+    completions: tuple  # (chosen, rejected), (completion,) or ()
+    label: bool | None = None  # unpaired: desirable?
+
+
+class _RowProblems(Exception):
+    """Raised inside a row's checks to stop at the first problem of that row."""
+
+    def __init__(self, field: str | None, reason: str, message: str):
+        super().__init__(message)
+        self.field, self.reason, self.message = field, reason, message
+
+
+def _describe(value) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 40 else text[:37] + '...'}"
+
+
+def _check_text(value, field: str) -> str:
+    if value is None:
+        raise _RowProblems(field, "missing_value", "no value")
+    if not isinstance(value, str):
+        raise _RowProblems(field, "not_string", f"expected a string, got {_describe(value)}")
+    if not value.strip():
+        raise _RowProblems(field, "empty", "empty text")
+    return value
+
+
+def _check_messages(value, field: str) -> list[dict]:
+    if value is None:
+        raise _RowProblems(field, "missing_value", "no value")
+    if not isinstance(value, list):
+        raise _RowProblems(
+            field, "not_messages",
+            f"expected a list of {{role, content}} messages, got {_describe(value)}",
+        )
+    if not value:
+        raise _RowProblems(field, "empty", "no messages")
+    for i, message in enumerate(value):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise _RowProblems(
+                f"{field}[{i}]", "not_messages",
+                f"expected a {{role, content}} message, got {_describe(message)}",
+            )
+        role = message["role"]
+        if role not in ROLES:
+            raise _RowProblems(
+                f"{field}[{i}].role", "unknown_role",
+                f"unknown role {role!r} (allowed: {', '.join(ROLES)})",
+            )
+        _check_text(message["content"], f"{field}[{i}].content")
+    # Keep only role and content: extra keys (e.g. null tool_calls from Parquet structs) would
+    # reach the chat template, and two equal conversations could compare unequal.
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def _check_prompt_turns(messages: list[dict], field: str) -> None:
+    if messages[-1]["role"] == "assistant":
+        raise _RowProblems(
+            f"{field}[{len(messages) - 1}].role", "prompt_ends_with_assistant",
+            "the prompt ends with an assistant message; the completion must be the next turn",
+        )
+
+
+def _check_ends_with_assistant(messages: list[dict], field: str) -> None:
+    if messages[-1]["role"] != "assistant":
+        raise _RowProblems(
+            f"{field}[{len(messages) - 1}].role", "not_assistant_last",
+            f"the conversation ends with a {messages[-1]['role']!r} message, not the assistant's",
+        )
+
+
+def _check_completion_turns(messages: list[dict], field: str) -> None:
+    _check_ends_with_assistant(messages, field)
+    if len(messages) != 1:
+        roles = ", ".join(m["role"] for m in messages)
+        raise _RowProblems(
+            field, "completion_turns",
+            f"a completion is one assistant message; got {len(messages)} ({roles})",
+        )
+
+
+def _check_label(value) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0"):
+        return value.strip().lower() in ("true", "1")
+    if value is None:
+        raise _RowProblems("label", "missing_value", "no value")
+    raise _RowProblems("label", "bad_label", f"expected true or false, got {_describe(value)}")
+
+
+def _split_text_transcripts(chosen: str, rejected: str, marker: str) -> tuple[str, str, str]:
+    """Anthropic-HH style: the prompt is the shared prefix up to its last assistant marker."""
+    shared = os.path.commonprefix([chosen, rejected])
+    end = shared.rfind(marker)
+    if end < 0:
+        raise _RowProblems(
+            "chosen", "no_shared_prompt",
+            f"chosen and rejected share no prefix ending in data.assistant_marker {marker!r}",
+        )
+    end += len(marker)
+    prompt, completions = chosen[:end], (chosen[end:], rejected[end:])
+    for field, text in zip(("chosen", "rejected"), completions, strict=True):
+        if not text.strip():
+            raise _RowProblems(field, "empty", "nothing after the shared prompt")
+        if marker in text:
+            raise _RowProblems(
+                field, "completion_turns",
+                "the transcripts part before their last assistant turn, so the completion "
+                "would hold several turns",
+            )
+    return prompt, *completions
+
+
+def _split_message_transcripts(chosen: list[dict], rejected: list[dict]):
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+        shared += 1
+    if shared == 0:
+        raise _RowProblems("chosen", "no_shared_prompt",
+                           "chosen and rejected do not start with the same message")
+    prompt = chosen[:shared]
+    _check_prompt_turns(prompt, "chosen")
+    for field, messages in (("chosen", chosen[shared:]), ("rejected", rejected[shared:])):
+        if not messages:
+            raise _RowProblems(field, "empty", "nothing after the shared prompt")
+        _check_completion_turns(messages, field)
+    return prompt, chosen[shared:], rejected[shared:]
+
+
+def _check_row(row: dict, spec: FormatSpec, marker: str, number: int) -> Example:
+    check = _check_messages if spec.messages else _check_text
+    if spec.name == "implicit_prompt":
+        chosen, rejected = check(row.get("chosen"), "chosen"), check(row.get("rejected"), "rejected")
+        if chosen == rejected:
+            raise _RowProblems("chosen", "identical", "same transcript as 'rejected'")
+        if spec.messages:
+            _check_ends_with_assistant(chosen, "chosen")
+            _check_ends_with_assistant(rejected, "rejected")
+            prompt, *completions = _split_message_transcripts(chosen, rejected)
+        else:
+            prompt, *completions = _split_text_transcripts(chosen, rejected, marker)
+        return Example(number, prompt, tuple(completions))
+
+    prompt = check(row.get("prompt"), "prompt")
+    if spec.messages:
+        _check_prompt_turns(prompt, "prompt")
+    completions = tuple(check(row.get(f), f) for f in spec.completions)
+    if spec.messages:
+        for field, messages in zip(spec.completions, completions, strict=True):
+            _check_completion_turns(messages, field)
+    if spec.kind == "pair" and completions[0] == completions[1]:
+        raise _RowProblems("chosen", "identical", "same completion as 'rejected'")
+    label = _check_label(row.get("label")) if spec.kind == "unpaired" else None
+    return Example(number, prompt, completions, label)
+
+
+def check_rows(source: Source, spec: FormatSpec, assistant_marker: str):
+    """Validate all rows -> (examples, problems); a row with a problem yields no example."""
+    examples, problems = [], list(source.problems)
+    for number, row in source.rows:
+        try:
+            examples.append(_check_row(row, spec, assistant_marker, number))
+        except _RowProblems as p:
+            problems.append(Problem(source.name, number, p.field, p.reason, p.message, source.row_word))
+    return examples, problems

@@ -1,0 +1,41 @@
+"""Preference losses: pure functions over per-sequence log-probs; no model, no IO.
+
+    out = pairwise_loss("dpo", policy_chosen_logps=pc, policy_rejected_logps=pr,
+                        ref_chosen_logps=rc, ref_rejected_logps=rr, beta=0.1)
+    out.loss.backward(); log(out.metrics)
+
+Formulas, defaults and papers: docs/losses.md (from REFERENCES.md). Before building workers,
+ask needs_reference(name, **params) (False: no reference server at all) and
+needs_lengths(name, **params).
+"""
+
+from prefopt.losses.kto import KTO_RATIO_RANGE, kto_weight_warning
+from prefopt.losses.pairwise import GPO_FUNCTIONS, GPO_SCORES, log1mexp
+from prefopt.losses.registry import (
+    PAIRWISE_LOSSES,
+    UNPAIRED_LOSSES,
+    LossOutput,
+    default_params,
+    needs_lengths,
+    needs_reference,
+    pairwise_loss,
+    resolve_params,
+    unpaired_loss,
+)
+
+__all__ = [
+    "GPO_FUNCTIONS",
+    "GPO_SCORES",
+    "KTO_RATIO_RANGE",
+    "PAIRWISE_LOSSES",
+    "UNPAIRED_LOSSES",
+    "LossOutput",
+    "default_params",
+    "kto_weight_warning",
+    "log1mexp",
+    "needs_lengths",
+    "needs_reference",
+    "pairwise_loss",
+    "resolve_params",
+    "unpaired_loss",
+]

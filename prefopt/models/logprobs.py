@@ -1,0 +1,154 @@
+"""Per-sequence and per-token log-probs of completions, from a batch of prefopt.data.collate.
+
+    logps, lengths = sequence_logps(model, batch)   # [N] fp32 summed over completion tokens, [N]
+    per_token = token_logps(model, batch)           # [R, T] fp32, 0 off the completion (PPO)
+
+Memory: the model's logits [R, T, V] are the one full-vocabulary tensor. Log-probs are taken
+only at completion positions, in chunks, as logit[label] - logsumexp(logits) in fp32, by an
+autograd function whose backward writes the gradient straight into one [R, T, V] tensor. So
+neither a log_softmax copy nor (for bf16 models) an fp32 copy of the logits is ever made.
+
+Packing: transformers' masking utilities (>= 4.5x; checked on 5.23, eager and sdpa) treat a row
+as several sequences when attention_mask is None and position_ids restart at 0; the causal mask
+becomes block-diagonal. That holds only without a KV cache, so forward passes here set
+use_cache=False (with a cache, which LlamaModel creates in eval mode, sequences would see each
+other). `packing_supported` checks a model empirically; `resolve_packing` falls back to padded
+batches, saying so once, for models that do not isolate packed sequences.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+log = logging.getLogger("prefopt.models")
+
+# Rows of [*, V] fp32 per chunk: 2**26 elements = 256 MiB, whatever the vocabulary size.
+CHUNK_ELEMENTS = 1 << 26
+
+
+class _SelectedLogProbs(torch.autograd.Function):
+    """log softmax(logits[p])[label_p] for the selected flat positions p, chunked.
+
+    d/dlogits of logit[y] - logsumexp(logits) is onehot(y) - softmax(logits); rows that were not
+    selected get zero gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, flat_logits, positions, labels, chunk):  # [M, V], [K], [K] -> [K] fp32
+        # At least fp32 (bf16 logits are read chunk by chunk in fp32); fp64 stays fp64.
+        dtype = torch.promote_types(flat_logits.dtype, torch.float32)
+        out = torch.empty(positions.shape[0], dtype=dtype, device=flat_logits.device)
+        lse = torch.empty_like(out)
+        for s in range(0, positions.shape[0], chunk):
+            rows = flat_logits.index_select(0, positions[s : s + chunk]).to(dtype)  # [c, V]
+            lse[s : s + chunk] = torch.logsumexp(rows, dim=-1)
+            out[s : s + chunk] = rows.gather(1, labels[s : s + chunk, None]).squeeze(1) - lse[s : s + chunk]
+        ctx.save_for_backward(flat_logits, positions, labels, lse)
+        ctx.chunk = chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # grad: [K]
+        flat_logits, positions, labels, lse = ctx.saved_tensors
+        grad_logits = torch.zeros_like(flat_logits)
+        g = grad.to(lse.dtype)
+        for s in range(0, positions.shape[0], ctx.chunk):
+            idx = positions[s : s + ctx.chunk]
+            rows = flat_logits.index_select(0, idx).to(lse.dtype)
+            d = torch.exp(rows - lse[s : s + ctx.chunk, None]).mul_(-g[s : s + ctx.chunk, None])
+            d.scatter_add_(1, labels[s : s + ctx.chunk, None], g[s : s + ctx.chunk, None])
+            grad_logits.index_copy_(0, idx, d.to(grad_logits.dtype))
+        return grad_logits, None, None, None
+
+
+def selected_logps(logits: torch.Tensor, loss_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Log-probs of labels where loss_mask is set: logits [R, T, V] -> [K] fp32, K = mask.sum()."""
+    vocab = logits.shape[-1]
+    positions = loss_mask.reshape(-1).nonzero().squeeze(1)  # one host sync per forward
+    chunk = max(1, CHUNK_ELEMENTS // vocab)
+    return _SelectedLogProbs.apply(logits.reshape(-1, vocab), positions,
+                                   labels.reshape(-1)[positions], chunk)
+
+
+def forward_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Logits [R, T, V] of a collated batch (padded or packed)."""
+    return model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch.get("attention_mask"),  # None when packed: see the module docstring
+        position_ids=batch["position_ids"],
+        use_cache=False,
+    ).logits
+
+
+def logps_from_logits(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed completion log-probs [N] fp32 and completion lengths [N] long of each sequence."""
+    mask = batch["loss_mask"]
+    token = selected_logps(logits, mask, batch["labels"])  # [K]
+    seq = batch["seq_index"][mask]  # [K], sequence of each completion token
+    n = batch["lengths"].shape[0]
+    logps = torch.zeros(n, dtype=token.dtype, device=logits.device).index_add(0, seq, token)
+    lengths = torch.bincount(seq, minlength=n)
+    return logps, lengths
+
+
+def token_logps_from_logits(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per-token completion log-probs [R, T] fp32, aligned with batch["labels"], 0 elsewhere."""
+    mask = batch["loss_mask"]
+    token = selected_logps(logits, mask, batch["labels"])
+    return torch.zeros(mask.shape, dtype=token.dtype, device=logits.device).masked_scatter(mask, token)
+
+
+def sequence_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logps [N] fp32, lengths [N]) for the N sequences of `batch` (order: prefopt.data.collate)."""
+    return logps_from_logits(forward_logits(model, batch), batch)
+
+
+def token_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per-token completion log-probs [R, T] fp32 (0 off the completion), e.g. for PPO."""
+    return token_logps_from_logits(forward_logits(model, batch), batch)
+
+
+@torch.no_grad()
+def packing_supported(model) -> bool:
+    """Does `model` keep packed sequences apart? Compares a packed and a padded forward pass.
+
+    Every ZeRO-3 rank must call it together (the forward passes gather parameters).
+    """
+    from prefopt.data.collate import pack, pad
+
+    param = next(model.parameters())
+    device = param.device
+    # Two short sequences of ordinary ids; any model that leaks attention across the boundary
+    # changes the second one's logits by far more than rounding.
+    prompts, completions = [[3, 4, 5, 6], [7, 8]], [[9, 10], [11, 12, 13]]
+    was_training = model.training
+    model.eval()  # no dropout in the comparison
+    try:
+        packed = {k: v.to(device) for k, v in pack(prompts, completions).items()}
+        padded = {k: v.to(device) for k, v in pad(prompts, completions, pad_token_id=0).items()}
+        a = forward_logits(model, packed)[0].float()  # [S, V]
+        b = forward_logits(model, padded).float()  # [2, T, V]
+    finally:
+        model.train(was_training)
+    first = len(prompts[0]) + len(completions[0])
+    second = b[1, : len(prompts[1]) + len(completions[1])]
+    tol = 1e-3 if param.dtype == torch.float32 else 5e-2  # half precision rounds more
+    scale = second.abs().max().clamp_min(1.0)
+    return bool((a[first:] - second).abs().max() <= tol * scale)
+
+
+_warned: set[str] = set()
+
+
+def resolve_packing(model, requested: bool) -> bool:
+    """`requested`, unless the model cannot pack; then False, with one warning per model type."""
+    if not requested or packing_supported(model):
+        return requested
+    name = f"{type(model).__name__} ({getattr(model.config, '_attn_implementation', '?')} attention)"
+    if name not in _warned:
+        _warned.add(name)
+        log.warning("data.packing: %s does not keep packed sequences apart; "
+                    "using padded batches instead", name)
+    return False

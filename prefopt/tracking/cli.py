@@ -1,0 +1,167 @@
+"""`prefopt compare` and `prefopt runs`, registered on the main app by `register(app)`.
+
+MLflow is imported inside the commands, so that `prefopt --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+from prefopt.tracking.store import (
+    TrackingError,
+    default_store_dir,
+    resolve_tracking_uri,
+    slug,
+    sqlite_file,
+    ui_hint,
+)
+
+# Piped output (logs, CI) keeps whole table rows instead of folding them at 80 columns.
+console = Console(width=None if sys.stdout.isatty() else 160)
+
+ExperimentOpt = Annotated[
+    str | None,
+    typer.Option("--experiment", "-e", help="MLflow experiment [default: tracking.experiment]",
+                 show_default=False),
+]
+UriOpt = Annotated[
+    str | None,
+    typer.Option("--tracking-uri", help="MLflow URI [default: tracking.uri of the config, "
+                 "else runs/mlflow.db]", show_default=False),
+]
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option("--config", help="take tracking.uri, tracking.experiment and output_dir from "
+                 "this run config", show_default=False),
+]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a config field: --set tracking.experiment=sweep",
+                 show_default=False),
+]
+
+
+def _context(config: Path | None, set_: list[str] | None, tracking_uri: str | None,
+             experiment: str | None):
+    from prefopt.cli import fail, resolve
+
+    cfg = resolve(config, set_)
+    uri = tracking_uri or resolve_tracking_uri(cfg)
+    db = sqlite_file(uri)
+    if db is not None and not db.is_file():
+        fail(f"no MLflow store at {db} (train a run first, or pass --tracking-uri / --config)")
+    # A read command against an unreachable server should fail in seconds, not minutes.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    return cfg, uri, experiment or cfg.tracking.experiment
+
+
+def compare_cmd(
+    experiment: ExperimentOpt = None,
+    x: Annotated[str, typer.Option("--x", help="metric on the x axis (lower is better)")] = "eval/kl",
+    y: Annotated[str, typer.Option("--y", help="metric on the y axis (higher is better)")] = "eval/reward",
+    at_kl: Annotated[
+        float | None,
+        typer.Option("--at-kl", help="compare rewards at this x [default: the smallest x "
+                     "every run reaches]", show_default=False),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="folder for frontier.png, comparison.csv, comparison.md "
+                     "[default: runs/compare/<experiment>]", show_default=False),
+    ] = None,
+    tracking_uri: UriOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Compare methods: reward-vs-KL frontier per algorithm/loss, table of runs, logged back."""
+    from mlflow.exceptions import MlflowException
+
+    from prefopt.cli import fail
+    from prefopt.tracking.compare import run_comparison
+    from prefopt.tracking.report import display_rows, fmt, headers
+
+    cfg, uri, name = _context(config, set_, tracking_uri, experiment)
+    out_dir = out or default_store_dir(cfg.output_dir) / "compare" / slug(name)
+    try:
+        with console.status(f"reading runs of {name!r}"):
+            result = run_comparison(uri, name, out_dir=out_dir, x=x, y=y, at_kl=at_kl)
+    except (TrackingError, MlflowException) as exc:
+        fail(str(exc))
+        return
+    cmp = result.comparison
+    table = Table(title=f"{name}: {y} vs {x}", title_justify="left", box=box.SIMPLE_HEAD,
+                  pad_edge=False)
+    for i, head in enumerate(headers(cmp, x, y)):
+        table.add_column(head, justify="right" if i >= 3 else "left", overflow="fold")
+    for cells in display_rows(cmp):
+        table.add_row(*cells)
+    console.print(table)
+    if cmp.matched_kl is not None:
+        best = ", ".join(f"{m} {fmt(v)}" for m, v in cmp.series_at_matched_kl.items())
+        console.print(f"frontier at {x} = {fmt(cmp.matched_kl)}: {best}", highlight=False)
+    if result.skipped:
+        console.print(f"[dim]{len(result.skipped)} run(s) without both {x} and {y} left out: "
+                      f"{', '.join(result.skipped)}[/]", highlight=False)
+    console.print(f"wrote {result.png}, {result.csv}, {result.markdown}", highlight=False)
+    console.print(f"logged as run {result.comparison_run_id} of {name!r} ({ui_hint(uri)})",
+                  highlight=False)
+
+
+def runs_cmd(
+    experiment: ExperimentOpt = None,
+    limit: Annotated[int, typer.Option("--limit", "-n", min=1, help="how many runs")] = 20,
+    tracking_uri: UriOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """List the recent runs of an experiment, newest first."""
+    from mlflow.exceptions import MlflowException
+
+    from prefopt.cli import fail
+    from prefopt.tracking.compare import is_comparison, method_of, params_of, search_runs
+    from prefopt.tracking.report import fmt
+    from prefopt.tracking.store import find_experiment, mlflow_client
+
+    _, uri, name = _context(config, set_, tracking_uri, experiment)
+    try:
+        client = mlflow_client(uri)
+        exp = find_experiment(client, name, uri)
+        runs = search_runs(client, exp.experiment_id, max_results=limit)
+    except (TrackingError, MlflowException) as exc:
+        fail(str(exc))
+        return
+    # The latest value of each; a column only when some run has logged it.
+    metrics = [m for m in ("loss", "eval/reward", "eval/kl", "eval/win_rate")
+               if any(m in r.data.metrics for r in runs)]
+    table = Table(title=f"runs of {name!r} ({uri})", title_justify="left",
+                  box=box.SIMPLE_HEAD, pad_edge=False)
+    for head in ("started", "run", "status", "method", "params"):
+        wraps = head in ("run", "params")
+        table.add_column(head, overflow="fold", no_wrap=not wraps, min_width=8 if wraps else None)
+    for metric in metrics:  # 'eval/win_rate' shows as 'win_rate'
+        table.add_column(metric.rsplit("/", 1)[-1], justify="right", no_wrap=True)
+    colour = {"FINISHED": "green", "RUNNING": "cyan", "FAILED": "red", "KILLED": "yellow"}
+    for run in runs:
+        info, values = run.info, run.data.metrics
+        started = time.strftime("%m-%d %H:%M", time.localtime(info.start_time / 1000))
+        status = f"[{colour.get(info.status, 'white')}]{info.status}[/]"
+        method = "compare" if is_comparison(run) else method_of(run)
+        table.add_row(started, f"{info.run_name}\n[dim]{info.run_id[:8]}[/]", status, method,
+                      params_of(run) or "-", *(fmt(values.get(m)) for m in metrics))
+    console.print(table)
+    console.print(f"{len(runs)} run(s), newest first; browse them: {ui_hint(uri)}",
+                  highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("compare")(compare_cmd)
+    app.command("runs")(runs_cmd)

@@ -1,0 +1,163 @@
+"""Reward-vs-KL frontiers and the comparison table, as plain arithmetic (no MLflow here).
+
+Every evaluation of a run is a point (x = KL to the reference, y = reward). A method's
+frontier is the upper concave hull of its points, cut at its highest reward: a mixture of two
+evaluated policies earns the mixed reward (linear in the policy) at no more than the mixed KL
+(KL is convex), so every point on a hull segment is achievable. Beyond its last vertex the
+frontier stays flat: a larger KL budget can always keep the best policy. Below its first
+vertex it is undefined (no evaluated policy is that close to the reference).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Point:
+    x: float  # e.g. eval/kl
+    y: float  # e.g. eval/reward
+    step: int = 0
+
+
+@dataclass
+class RunCurve:
+    """One run's evaluations, as read from the tracking store."""
+
+    run_id: str
+    run_name: str
+    method: str  # the series: loss tag, else algorithm tag
+    params: str  # the method's parameters, for the table ('beta=0.1')
+    points: list[Point]
+    win_rates: dict[int, float] = field(default_factory=dict)  # step -> eval/win_rate
+
+
+@dataclass
+class RunSummary:
+    """One row of the comparison table."""
+
+    run_id: str
+    run_name: str
+    method: str
+    params: str
+    num_evals: int
+    best_reward: float
+    kl_at_best: float
+    step_at_best: int
+    reward_at_matched_kl: float | None
+    win_rate: float | None  # at the evaluation with the best reward, when logged
+
+
+@dataclass
+class Comparison:
+    rows: list[RunSummary]
+    matched_kl: float | None
+    series: dict[str, list[Point]]  # method -> every point of its runs
+    frontiers: dict[str, list[Point]]  # method -> hull vertices, KL and reward increasing
+    series_at_matched_kl: dict[str, float | None]
+
+
+def pair_by_step(xs: Iterable[tuple[int, float]], ys: Iterable[tuple[int, float]]) -> list[Point]:
+    """Join two metric histories [(step, value)] on step, in step order.
+
+    A step logged twice (a resumed run re-evaluating) keeps the value logged last.
+    """
+    x_at = dict(xs)
+    y_at = dict(ys)
+    return [Point(x_at[s], y_at[s], s) for s in sorted(x_at.keys() & y_at.keys())]
+
+
+def _cross(o: Point, a: Point, b: Point) -> float:
+    return (a.x - o.x) * (b.y - o.y) - (a.y - o.y) * (b.x - o.x)
+
+
+def upper_frontier(points: Iterable[Point]) -> list[Point]:
+    """Vertices of the upper concave hull up to the highest reward; x and y strictly increase.
+
+    Non-finite points are ignored. Among equal x only the highest y counts; collinear middle
+    points are dropped.
+    """
+    best_at_x: dict[float, Point] = {}
+    for p in points:
+        if math.isfinite(p.x) and math.isfinite(p.y) and (p.x not in best_at_x
+                                                          or p.y > best_at_x[p.x].y):
+            best_at_x[p.x] = p
+    hull: list[Point] = []
+    for p in sorted(best_at_x.values(), key=lambda q: q.x):
+        # Left to right, the upper hull only turns clockwise (negative cross product).
+        while len(hull) >= 2 and _cross(hull[-2], hull[-1], p) >= 0:
+            hull.pop()
+        hull.append(p)
+    if not hull:
+        return []
+    top = max(range(len(hull)), key=lambda i: (hull[i].y, -i))  # first highest vertex
+    return hull[: top + 1]
+
+
+def value_at(frontier: Sequence[Point], x: float) -> float | None:
+    """Reward the frontier reaches within KL budget x; None below its first vertex."""
+    if not frontier or x < frontier[0].x:
+        return None
+    for a, b in zip(frontier, frontier[1:], strict=False):
+        if x <= b.x:
+            return a.y + (b.y - a.y) * (x - a.x) / (b.x - a.x)
+    return frontier[-1].y
+
+
+def matched_kl(series: Iterable[Sequence[Point]]) -> float | None:
+    """The largest KL that every series reaches: the smallest of the series' largest KLs.
+
+    This is the top of the KL range all methods cover, where their frontiers are the most
+    developed (the bottom is often 0, an evaluation of the reference itself).
+    """
+    ends = [max(xs) for s in series if (xs := [p.x for p in s if math.isfinite(p.x)])]
+    return min(ends) if ends else None
+
+
+def summarise_run(curve: RunCurve, at_kl: float | None) -> RunSummary | None:
+    """The table row of one run, or None when it has no finite evaluation."""
+    finite = [p for p in curve.points if math.isfinite(p.x) and math.isfinite(p.y)]
+    if not finite:
+        return None
+    best = min(finite, key=lambda p: (-p.y, p.x, p.step))  # highest reward, then lowest KL
+    return RunSummary(
+        run_id=curve.run_id,
+        run_name=curve.run_name,
+        method=curve.method,
+        params=curve.params,
+        num_evals=len(finite),
+        best_reward=best.y,
+        kl_at_best=best.x,
+        step_at_best=best.step,
+        reward_at_matched_kl=None if at_kl is None else value_at(upper_frontier(finite), at_kl),
+        win_rate=curve.win_rates.get(best.step),
+    )
+
+
+def compare(curves: Sequence[RunCurve], at_kl: float | None = None) -> Comparison:
+    """Frontiers per method and one summary row per run with an evaluation.
+
+    `at_kl` is the KL budget where runs are compared, by default `matched_kl` of the methods.
+    A run whose first evaluation lies above it has no value there. Rows are ordered by method,
+    then by reward at that KL.
+    """
+    usable = [c for c in curves if upper_frontier(c.points)]
+    series: dict[str, list[Point]] = {}
+    for c in usable:
+        series.setdefault(c.method, []).extend(c.points)
+    series = dict(sorted(series.items()))
+    if at_kl is None:
+        at_kl = matched_kl(series.values())
+    rows = [r for c in usable if (r := summarise_run(c, at_kl)) is not None]
+    rows.sort(key=lambda r: (r.method, -_or_minus_inf(r.reward_at_matched_kl), -r.best_reward,
+                             r.run_name))
+    frontiers = {m: upper_frontier(pts) for m, pts in series.items()}
+    at_matched = {m: None if at_kl is None else value_at(f, at_kl) for m, f in frontiers.items()}
+    return Comparison(rows=rows, matched_kl=at_kl, series=series, frontiers=frontiers,
+                      series_at_matched_kl=at_matched)
+
+
+def _or_minus_inf(value: float | None) -> float:
+    return -math.inf if value is None else value

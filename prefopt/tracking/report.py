@@ -1,0 +1,107 @@
+"""Writes a Comparison out: the frontier plot (PNG), the table as CSV and as markdown.
+
+No MLflow here, and no pyplot: figures are drawn on matplotlib's Agg canvas directly, so
+nothing depends on (or changes) a display backend.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from prefopt.tracking.frontier import Comparison
+
+# CSV columns, in order. "reward" is the --y metric and "kl" the --x metric.
+CSV_COLUMNS = (
+    "method", "run_name", "params", "best_reward", "kl_at_best", "step_at_best",
+    "reward_at_matched_kl", "matched_kl", "win_rate", "num_evals", "run_id",
+)
+
+
+def fmt(value: float | int | str | None) -> str:
+    """A number for people: 4 significant digits; '-' when missing."""
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}" if math.isfinite(value) else str(value)
+    return str(value)
+
+
+def headers(comparison: Comparison, x: str, y: str) -> list[str]:
+    """Column titles of the printed and markdown tables ('eval/reward' shows as 'reward')."""
+    xs, ys = x.rsplit("/", 1)[-1], y.rsplit("/", 1)[-1]
+    at = f"{ys} at {xs}={fmt(comparison.matched_kl)}"
+    return ["method", "run", "params", f"best {ys}", f"{xs} at best", at, "win rate", "evals"]
+
+
+def display_rows(comparison: Comparison) -> list[list[str]]:
+    return [
+        [r.method, r.run_name, r.params or "-", fmt(r.best_reward), fmt(r.kl_at_best),
+         fmt(r.reward_at_matched_kl), fmt(r.win_rate), str(r.num_evals)]
+        for r in comparison.rows
+    ]
+
+
+def write_csv(comparison: Comparison, path: Path) -> Path:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        for r in comparison.rows:
+            record = {c: getattr(r, c, None) for c in CSV_COLUMNS}
+            record["matched_kl"] = comparison.matched_kl
+            writer.writerow({k: "" if v is None else v for k, v in record.items()})
+    return path
+
+
+def write_markdown(comparison: Comparison, path: Path, *, experiment: str, x: str,
+                   y: str) -> Path:
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+    head = headers(comparison, x, y)
+    lines = [f"# {experiment}: {y} vs {x}", ""]
+    lines += [line(head), line(["---"] * len(head))]
+    lines += [line(cells) for cells in display_rows(comparison)]
+    if comparison.matched_kl is not None:
+        lines += ["", f"Frontier of each method at {x} = {fmt(comparison.matched_kl)}: "
+                  + ", ".join(f"{m} {fmt(v)}" for m, v in comparison.series_at_matched_kl.items())
+                  + "."]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def plot_frontier(comparison: Comparison, path: Path, *, x: str, y: str, title: str) -> Path:
+    """One colour per method: its evaluations as dots, its frontier as a line through the
+    hull vertices, dashed where it stays flat beyond the last vertex; the matched KL dotted."""
+    fig = Figure(figsize=(8, 5.5), dpi=150, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    xs = [p.x for pts in comparison.series.values() for p in pts if math.isfinite(p.x)]
+    x_max = max(xs) if xs else 1.0
+    colours = [f"C{i % 10}" for i in range(len(comparison.series))]
+    for colour, (method, points) in zip(colours, comparison.series.items(), strict=True):
+        runs = sum(1 for r in comparison.rows if r.method == method)
+        ax.scatter([p.x for p in points], [p.y for p in points], s=16, alpha=0.35,
+                   color=colour, linewidths=0)
+        hull = comparison.frontiers[method]
+        ax.plot([p.x for p in hull], [p.y for p in hull], "-o", color=colour, lw=2, ms=5,
+                label=f"{method} ({runs} run{'s' if runs != 1 else ''}, {len(points)} evals)")
+        if hull and hull[-1].x < x_max:
+            ax.plot([hull[-1].x, x_max], [hull[-1].y] * 2, "--", color=colour, lw=1.2)
+    if comparison.matched_kl is not None:
+        ax.axvline(comparison.matched_kl, color="0.4", ls=":", lw=1.2,
+                   label=f"matched {x} = {fmt(comparison.matched_kl)}")
+    if xs and min(xs) >= 0:  # a KL: nothing left of zero (the reference itself) but margin
+        ax.set_xlim(left=-0.02 * x_max)
+    ax.set_xlabel(f"{x} (lower is closer to the reference)")
+    ax.set_ylabel(f"{y} (higher is better)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if comparison.series:
+        ax.legend(loc="best", fontsize=9)
+    fig.savefig(path)
+    return path

@@ -1,0 +1,143 @@
+"""Where runs are stored: the tracking URI, the artifact root beside a SQLite file, experiments.
+
+The embedded default is one SQLite file for all runs of a project: with `output_dir:
+runs/<name>` every run lands in `runs/mlflow.db` and its artifacts in `runs/mlartifacts/`, so
+runs with different output folders can be compared. Any other MLflow URI is used as given; an
+HTTP server decides itself where artifacts go.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from prefopt.config import RunConfig
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+    from mlflow.entities import Experiment
+
+STORE_FILE = "mlflow.db"
+ARTIFACT_DIR = "mlartifacts"
+
+
+class TrackingError(RuntimeError):
+    """A tracking problem the user can fix; the message says what to do."""
+
+
+def default_store_dir(output_dir: str | Path) -> Path:
+    """The folder holding the default store: the parent of the run's output_dir, absolute."""
+    return Path(output_dir).expanduser().resolve().parent
+
+
+def resolve_tracking_uri(cfg: RunConfig) -> str:
+    """The MLflow tracking URI of a run: `tracking.uri`, or the project's SQLite file.
+
+    Relative SQLite paths are made absolute, so that a resumed or compared run finds the same
+    file from another working directory.
+    """
+    if cfg.tracking.uri:
+        return _absolute_sqlite(cfg.tracking.uri)
+    return _sqlite_uri(default_store_dir(cfg.output_dir) / STORE_FILE)
+
+
+def _sqlite_uri(path: Path) -> str:
+    return "sqlite:///" + path.as_posix()  # an absolute path gives the four slashes
+
+
+def _absolute_sqlite(uri: str) -> str:
+    path = sqlite_file(uri)
+    if path is None:
+        return uri
+    query = uri[uri.index("?"):] if "?" in uri else ""
+    return _sqlite_uri(path) + query
+
+
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a `sqlite:///path` URI (absolute), None for any other URI."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    raw = uri[len("sqlite:///"):].split("?", 1)[0]
+    if not raw or raw == ":memory:":
+        return None
+    return Path(raw).expanduser().resolve()
+
+
+def artifact_root(uri: str) -> str | None:
+    """Where new experiments keep artifacts: beside a SQLite file, else the server's choice.
+
+    MLflow's own default for a SQLite store is `./mlruns` of whatever directory the process
+    happens to run in; artifacts must sit next to the database to stay findable.
+    """
+    db = sqlite_file(uri)
+    return (db.parent / ARTIFACT_DIR).as_uri() if db is not None else None
+
+
+def ui_hint(uri: str) -> str:
+    """How a person opens this store in a browser."""
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri} in a browser"
+    return f"mlflow ui --backend-store-uri {uri}"
+
+
+def slug(name: str) -> str:
+    """A folder name for an experiment name ('my exp/1' -> 'my-exp-1')."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "experiment"
+
+
+def _quiet_mlflow() -> None:
+    # prefopt.tracking sets MLFLOW_LOGGING_LEVEL before MLflow is imported; this covers the
+    # case where something else imported MLflow first.
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    from mlflow.telemetry.client import get_telemetry_client, set_telemetry_client
+
+    if get_telemetry_client() is not None:
+        set_telemetry_client()  # re-reads MLFLOW_DISABLE_TELEMETRY, which is set by now
+
+
+def mlflow_client(uri: str) -> MlflowClient:
+    """An MlflowClient for `uri`; creates the folder of a SQLite file."""
+    from mlflow import MlflowClient
+
+    _quiet_mlflow()
+    db = sqlite_file(uri)
+    if db is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def get_or_create_experiment(client: MlflowClient, name: str, uri: str) -> str:
+    """The id of experiment `name`, created (with artifacts beside a SQLite store) if new."""
+    from mlflow.exceptions import MlflowException
+
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        root = artifact_root(uri)
+        location = f"{root}/{slug(name)}" if root else None
+        try:
+            return client.create_experiment(name, artifact_location=location)
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            experiment = client.get_experiment_by_name(name)  # created by a concurrent run
+            assert experiment is not None
+    if experiment.lifecycle_stage != "active":
+        raise TrackingError(
+            f"experiment {name!r} in {uri} is deleted; restore it "
+            f"(mlflow experiments restore --experiment-id {experiment.experiment_id}) "
+            "or set tracking.experiment to another name"
+        )
+    return experiment.experiment_id
+
+
+def find_experiment(client: MlflowClient, name: str, uri: str) -> Experiment:
+    """An existing, active experiment, or a TrackingError that lists the ones there are."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None and experiment.lifecycle_stage == "active":
+        return experiment
+    names = sorted(e.name for e in client.search_experiments())
+    known = ", ".join(names) if names else "none"
+    raise TrackingError(f"no experiment {name!r} in {uri} (experiments there: {known})")

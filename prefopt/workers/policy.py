@@ -1,0 +1,148 @@
+"""PolicyWorker: one Ray actor = one DeepSpeed rank holding a (ZeRO-sharded) policy.
+
+The controller tells every worker "run step s"; each worker reads its own rows of the
+tokenized data for that step (cluster.sharding), computes per-sequence log-probs, calls
+prefopt.losses, and lets DeepSpeed do backward, gradient averaging and the optimizer step.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from prefopt.cluster.deepspeed_config import deepspeed_config
+from prefopt.cluster.sharding import StepPlan
+from prefopt.cluster.worker_group import RankEnv
+from prefopt.config import RunConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def lr_lambda(schedule: str, warmup: int, total: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        if schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    return factor
+
+
+def _param_bytes(module: torch.nn.Module) -> int:
+    """Parameter bytes this rank holds: its ZeRO-3 partition, or the full tensors."""
+    total = 0
+    for p in module.parameters():
+        local = getattr(p, "ds_tensor", p)
+        total += local.numel() * local.element_size()
+    return total
+
+
+class PolicyWorker(RankEnv):
+    def __init__(self, config_json: str):
+        self.cfg = RunConfig.model_validate_json(config_json)
+        torch.set_num_threads(max(1, int(self.cfg.cluster.cpus_per_worker)))
+
+    # ------------------------------------------------------------------ setup
+
+    def setup(self, model_dir: str, data_path: str, ref_logps_path: str | None = None) -> dict:
+        import deepspeed
+        from transformers import AutoModelForCausalLM
+        from transformers.integrations import HfDeepSpeedConfig
+
+        from prefopt.data import TokenizedData
+
+        cfg = self.cfg
+        torch.manual_seed(cfg.train.seed)
+        ds_config = deepspeed_config(cfg, self.world_size)
+        dtype = DTYPES[cfg.model.dtype]
+        # While this object lives, from_pretrained builds the model under deepspeed.zero.Init,
+        # so with ZeRO-3 no rank ever materialises the full model.
+        self._hf_ds_config = HfDeepSpeedConfig(ds_config) if cfg.deepspeed.zero_stage == 3 else None
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+        model.config.use_cache = False
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, betas=cfg.train.adam_betas,
+                                      weight_decay=cfg.train.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lr_lambda(cfg.train.lr_schedule, cfg.train.warmup_steps, cfg.train.max_steps)
+        )
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+        )
+        self.data = TokenizedData.open(data_path)
+        self.ref_logps = None if ref_logps_path is None else _load_ref_logps(ref_logps_path)
+        self.plan = StepPlan(
+            num_rows=self.data.num_rows, micro_batch_size=cfg.train.micro_batch_size,
+            grad_accum=cfg.train.gradient_accumulation_steps, world_size=self.world_size,
+            seed=cfg.data.seed,
+        )
+        return {"rank": self.rank, "param_bytes": _param_bytes(self.engine.module)}
+
+    # ------------------------------------------------------------------ training
+
+    def train_step(self, step: int) -> dict[str, float]:
+        """One optimizer step: gradient_accumulation_steps micro-batches on this rank's rows."""
+        from prefopt.algorithms.offline import micro_batch_loss
+
+        self.engine.train()
+        start = time.perf_counter()
+        sums: dict[str, float] = {}
+        tokens = 0
+        for micro in range(self.plan.grad_accum):
+            indices = self.plan.rows(step, micro, self.rank)
+            loss, metrics, n_tokens = micro_batch_loss(self.engine, self.data, indices, self.cfg, self.ref_logps)
+            # DeepSpeed divides by gradient_accumulation_steps and averages over ranks, so a
+            # per-micro-batch mean here gives the mean over the whole global batch.
+            self.engine.backward(loss)
+            self.engine.step()
+            tokens += n_tokens
+            for key, value in metrics.items():
+                sums[key] = sums.get(key, 0.0) + value
+        out = {k: v / self.plan.grad_accum for k, v in sums.items()}
+        out["tokens"] = float(tokens)
+        out["step_seconds"] = time.perf_counter() - start
+        out["lr"] = self.scheduler.get_last_lr()[0]
+        return out
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(self, directory: str, tag: str, client_state: dict) -> None:
+        self.engine.save_checkpoint(directory, tag=tag, client_state=client_state)
+        rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+        torch.save(rng, Path(directory) / tag / f"rng_rank{self.rank}.pt")
+
+    def load_checkpoint(self, directory: str, tag: str) -> dict:
+        _, client_state = self.engine.load_checkpoint(directory, tag=tag)
+        rng = torch.load(Path(directory) / tag / f"rng_rank{self.rank}.pt", weights_only=False)
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        return client_state or {}
+
+    def export(self, out_dir: str, tokenizer_dir: str) -> None:
+        """Save the policy as a plain Hugging Face directory (ZeRO-3 shards gathered on rank 0)."""
+        from transformers import AutoTokenizer
+
+        if self.cfg.deepspeed.zero_stage == 3:
+            state_dict = self.engine._zero3_consolidated_16bit_state_dict()  # every rank must call
+        else:
+            state_dict = self.engine.module.state_dict()
+        if self.rank == 0:
+            self.engine.module.save_pretrained(out_dir, state_dict=state_dict)
+            AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out_dir)
+
+
+def _load_ref_logps(path: str) -> dict[str, np.ndarray]:
+    """{role: fp32 log-probs indexed by data row} from the controller's Parquet file."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    return {name: table[name].to_numpy() for name in table.column_names}

@@ -1,0 +1,130 @@
+"""The offline trainer end to end: Ray actors, DeepSpeed ZeRO-3 on CPU ranks (gloo), real data."""
+
+import io
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from prefopt.algorithms.offline import train
+from prefopt.config import load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY_DPO = ROOT / "configs/tiny/dpo.yaml"
+
+
+def read_metrics(output_dir) -> list[dict]:
+    return [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def quiet() -> Console:
+    return Console(file=io.StringIO(), width=120)
+
+
+@pytest.fixture(scope="module")
+def synthetic_pairs(tmp_path_factory):
+    """A learnable preference set: chosen completions praise, rejected ones pan."""
+    rng = random.Random(0)
+    subjects = ["The film", "This movie", "The plot", "The cast", "The ending", "The score", "It", "The story"]
+    good = ["was wonderful and moving.", "is a joy, truly great.", "was brilliant, loved it.", "is superb."]
+    bad = ["was awful and boring.", "is a mess, truly bad.", "was terrible, hated it.", "is dreadful."]
+    path = tmp_path_factory.mktemp("synthetic") / "pairs.jsonl"
+    with path.open("w") as f:
+        for _ in range(96):
+            prompt = rng.choice(subjects)
+            f.write(json.dumps({"prompt": prompt, "chosen": " " + rng.choice(good),
+                                "rejected": " " + rng.choice(bad)}) + "\n")
+    return path
+
+
+def tiny_run(tmp_path, model_dir, data_path, *overrides):
+    return load_config(TINY_DPO, [f"model.path={model_dir}", f"data.path={data_path}", "data.task=null",
+                                  f"output_dir={tmp_path}", "train.save_steps=1000", *overrides])
+
+
+def test_cli_trains_with_zero3_on_two_ranks_and_exports(tmp_path, tiny_model_dir):
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "prefopt", "train", str(TINY_DPO), "--set", "cluster.num_workers=2",
+         "--set", "train.max_steps=3", "--set", f"output_dir={out}", "--set", f"model.path={tiny_model_dir}"],
+        capture_output=True, text=True, timeout=600, env=os.environ | {"DS_ACCELERATOR": "cpu"},
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    metrics = read_metrics(out)
+    assert [m["step"] for m in metrics] == [1, 2, 3]
+    # Policy starts at the reference: the first DPO loss is ln 2 (DESIGN.md's invariant).
+    assert metrics[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
+    assert metrics[-1]["loss"] != pytest.approx(math.log(2), abs=1e-6)  # and it trained
+    assert "2 rank(s), ZeRO stage 3" in proc.stdout
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(out / "model")
+    tok = AutoTokenizer.from_pretrained(out / "model")
+    generated = model.generate(**tok("This movie was", return_tensors="pt"), max_new_tokens=5, do_sample=False)
+    assert generated.shape[1] > len(tok("This movie was").input_ids)
+
+
+def test_reward_accuracy_exceeds_090_on_learnable_pairs(tmp_path, tiny_model_dir, synthetic_pairs, ray_local):
+    cfg = tiny_run(tmp_path, tiny_model_dir, synthetic_pairs, "train.max_steps=40", "train.micro_batch_size=8",
+                   "train.lr=1e-3")
+    result = train(cfg, quiet())
+    metrics = read_metrics(tmp_path)
+    late = [m["rewards/accuracies"] for m in metrics[-5:]]
+    assert sum(late) / len(late) > 0.9, late
+    assert metrics[-1]["loss"] < metrics[0]["loss"] - 0.1
+    assert result.model_dir.is_dir()
+
+
+def test_two_ranks_equal_one_rank_with_twice_the_micro_batch(tmp_path, tiny_model_dir, synthetic_pairs, ray_local):
+    """Loss scaling across ranks and accumulation steps: the same global batch, the same curve."""
+    curves = {}
+    layouts = {
+        "2x2": ["cluster.num_workers=2", "train.micro_batch_size=2"],
+        "1x4": ["cluster.num_workers=1", "train.micro_batch_size=4"],
+        "1x2x2acc": ["cluster.num_workers=1", "train.micro_batch_size=2", "train.gradient_accumulation_steps=2"],
+    }
+    for name, overrides in layouts.items():
+        cfg = tiny_run(tmp_path / name, tiny_model_dir, synthetic_pairs, "train.max_steps=5",
+                       "data.packing=false", *overrides)
+        train(cfg, quiet())
+        curves[name] = [m["loss"] for m in read_metrics(tmp_path / name)]
+    assert curves["1x4"][-1] < curves["1x4"][0]  # the curve moves, so equality means something
+    for name in ("2x2", "1x2x2acc"):
+        assert curves[name] == pytest.approx(curves["1x4"], abs=1e-4), name
+
+
+def test_killed_run_resumes_to_the_same_final_loss(tmp_path, tiny_model_dir, synthetic_pairs, ray_local):
+    steps = "train.max_steps=24"
+    reference_cfg = tiny_run(tmp_path / "straight", tiny_model_dir, synthetic_pairs, steps)
+    train(reference_cfg, quiet())
+    straight = read_metrics(tmp_path / "straight")
+
+    out = tmp_path / "killed"
+    args = [sys.executable, "-m", "prefopt", "train", str(TINY_DPO), "--set", steps, "--set", "train.save_steps=4",
+            "--set", f"output_dir={out}", "--set", f"model.path={tiny_model_dir}",
+            "--set", f"data.path={synthetic_pairs}", "--set", "data.task=null"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True, env=os.environ | {"DS_ACCELERATOR": "cpu"})
+    deadline = time.time() + 300
+    while not list(out.glob("checkpoints/step*/trainer_state.json")) and time.time() < deadline:
+        assert proc.poll() is None, "the run ended before its first checkpoint"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver, its local Ray and its workers
+    proc.wait()
+    killed_at = len(read_metrics(out))
+    assert killed_at < 24, "the run finished before it could be killed"
+
+    resumed_cfg = tiny_run(out, tiny_model_dir, synthetic_pairs, steps, "train.save_steps=4")
+    train(resumed_cfg, quiet())
+    resumed = read_metrics(out)
+    assert [m["step"] for m in resumed] == list(range(1, 25))
+    assert resumed[-1]["loss"] == pytest.approx(straight[-1]["loss"], abs=1e-5)
