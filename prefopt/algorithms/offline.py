@@ -34,38 +34,39 @@ STATE_FILE = "trainer_state.json"
 # =============================================================================== worker side
 
 
-def forward_logps(model, data, indices: list[int], cfg: RunConfig) -> tuple[dict, dict]:
-    """One forward over the rows' sequences -> ({role: logps [B]}, {role: lengths [B]}).
+def forward_logps(model, data, indices: list[int], packing: bool) -> tuple[dict, dict]:
+    """One forward over the rows' sequences -> ({role: logps [B]}, {role: lengths [B], ...}).
 
-    Roles: pairs -> chosen, rejected; unpaired (KTO) -> completion, kl.
+    Roles: pairs -> chosen, rejected; unpaired (KTO) -> completion, kl. `packing` must come
+    from prefopt.models.logprobs.resolve_packing for this model.
     """
     from prefopt.data import collate
     from prefopt.models.logprobs import sequence_logps
 
     rows = data.rows(indices)
-    batch = collate(rows, pad_token_id=data.pad_token_id, packing=cfg.data.packing,
-                    max_length=data.max_length)
+    batch = collate(rows, pad_token_id=data.pad_token_id, packing=packing, max_length=data.max_length)
     logps, lengths = sequence_logps(model, batch)  # [2B], [2B]
     b = len(rows)
     first, second = ("chosen", "rejected") if data.kind == "pair" else ("completion", "kl")
     extra = {"desirable": batch["desirable"]} if "desirable" in batch else {}
     return ({first: logps[:b], second: logps[b:]},
-            {first: lengths[:b], second: lengths[b:], "tokens": int(batch["input_ids"].ne(data.pad_token_id).sum()), **extra})
+            {first: lengths[:b], second: lengths[b:], "tokens": int(batch["seq_index"].ge(0).sum()), **extra})
 
 
 @torch.no_grad()
-def sequence_logps_of_rows(model, data, indices: list[int], cfg: RunConfig) -> dict[str, torch.Tensor]:
+def sequence_logps_of_rows(model, data, indices: list[int], packing: bool) -> dict[str, torch.Tensor]:
     """Reference side: fp32 summed log-probs of the rows, by role (what the cache stores)."""
-    logps, _ = forward_logps(model, data, indices, cfg)
+    logps, _ = forward_logps(model, data, indices, packing)
     return {role: v.float().cpu() for role, v in logps.items()}
 
 
-def micro_batch_loss(model, data, indices: list[int], cfg: RunConfig, ref: dict[str, np.ndarray] | None):
+def micro_batch_loss(model, data, indices: list[int], cfg: RunConfig, ref: dict[str, np.ndarray] | None,
+                     packing: bool):
     """-> (loss scalar, metrics {name: float}, non-padding tokens) for one micro-batch."""
     from prefopt.losses import pairwise_loss, resolve_params, unpaired_loss
 
     name = cfg.algorithm.name
-    logps, info = forward_logps(model, data, indices, cfg)
+    logps, info = forward_logps(model, data, indices, packing)
     ref_of = (lambda role: torch.as_tensor(ref[role][indices])) if ref is not None else (lambda role: None)
     if name == "sft":
         # Mean token NLL of each chosen completion, averaged over examples: per-example means
@@ -79,13 +80,13 @@ def micro_batch_loss(model, data, indices: list[int], cfg: RunConfig, ref: dict[
         out = unpaired_loss(name, policy_logps=logps["completion"], ref_logps=ref_of("completion"),
                             desirable=info["desirable"], kl_policy_logps=logps["kl"],
                             kl_ref_logps=ref_of("kl"), lengths=info["completion"], **params)
-        loss, metrics = out.loss, {"loss": out.loss.item(), **out.metrics}
+        loss, metrics = out.loss, out.metrics
     else:
         params = resolve_params(name, **cfg.algorithm.loss_params())
         out = pairwise_loss(name, policy_chosen_logps=logps["chosen"], policy_rejected_logps=logps["rejected"],
                             ref_chosen_logps=ref_of("chosen"), ref_rejected_logps=ref_of("rejected"),
                             chosen_lengths=info["chosen"], rejected_lengths=info["rejected"], **params)
-        loss, metrics = out.loss, {"loss": out.loss.item(), **out.metrics}
+        loss, metrics = out.loss, out.metrics
     return loss, metrics, info["tokens"]
 
 
@@ -141,6 +142,7 @@ class TrainResult:
     steps: int
     run_id: str
     timings: dict[str, float]
+    param_bytes: list[int]  # parameter bytes held by each rank (its ZeRO-3 partition)
 
 
 def _latest_checkpoint(output_dir: Path) -> tuple[str, dict] | None:
@@ -155,9 +157,15 @@ def _latest_checkpoint(output_dir: Path) -> tuple[str, dict] | None:
     return tag, state
 
 
-def _mean(per_rank: list[dict[str, float]]) -> dict[str, float]:
-    keys = per_rank[0].keys()
-    out = {k: float(np.mean([m[k] for m in per_rank])) for k in keys if k not in ("tokens", "step_seconds")}
+def mean_metrics(parts: list[dict[str, float]]) -> dict[str, float]:
+    """Average metrics over micro-batches or ranks. A metric some parts lack (KTO's
+    rewards/chosen in a batch without desirable examples) is averaged over the parts that have it."""
+    keys = dict.fromkeys(k for part in parts for k in part)
+    return {k: float(np.mean([part[k] for part in parts if k in part])) for k in keys}
+
+
+def _combine_ranks(per_rank: list[dict[str, float]]) -> dict[str, float]:
+    out = mean_metrics(per_rank)
     out["tokens"] = float(sum(m["tokens"] for m in per_rank))
     out["step_seconds"] = max(m["step_seconds"] for m in per_rank)
     return out
@@ -199,6 +207,9 @@ def train(cfg: RunConfig, console, *, resume: bool | None = None) -> TrainResult
                          f"data (fingerprint {checkpoint[1]['data_fingerprint'][:16]}, now "
                          f"{data.fingerprint[:16]}); use --fresh or another output_dir")
 
+    if cfg.algorithm.name == "kto":
+        _warn_kto_balance(cfg, data, console)
+
     connect(cfg.cluster)
     ref_file = None
     if needs_reference_model(cfg):
@@ -236,9 +247,41 @@ def train(cfg: RunConfig, console, *, resume: bool | None = None) -> TrainResult
         finally:
             group.shutdown()
         console.print(f"exported policy to [bold]{export_dir}[/]")
+        if cfg.data.task is not None:
+            metrics |= _evaluate(cfg, export_dir, model_dir, tracker, console)
         with console.status("logging the model to MLflow"):
             tracker.log_model_dir(export_dir)
-    return TrainResult(output_dir, export_dir, metrics, cfg.train.max_steps, tracker.run_id, timings)
+    return TrainResult(output_dir, export_dir, metrics, cfg.train.max_steps, tracker.run_id, timings,
+                       [info["param_bytes"] for info in infos])
+
+
+def _warn_kto_balance(cfg: RunConfig, data, console) -> None:
+    """KTO's paper advises (w_d * n_d) / (w_u * n_u) in a band; check once, on the whole data set."""
+    from prefopt.losses import kto_weight_warning, resolve_params
+
+    if data.kind != "unpaired":
+        raise ValueError(f"algorithm.name=kto needs unpaired data (data.format: unpaired), not {data.format}")
+    labels = data.table["label"].to_pylist()
+    params = resolve_params("kto", **cfg.algorithm.loss_params())
+    message = kto_weight_warning(sum(labels), len(labels) - sum(labels), params["desirable_weight"],
+                                 params["undesirable_weight"])
+    if message:
+        console.print(f"[yellow]warning:[/] {message}")
+
+
+def _evaluate(cfg: RunConfig, policy_dir: Path, reference_dir: Path, tracker, console) -> dict[str, float]:
+    """Reward and KL of the final policy on the task's test prompts; the reference is the KL-0 point."""
+    from prefopt.eval import evaluate
+
+    with console.status(f"evaluating on {cfg.eval.num_prompts} test prompts"):
+        result = evaluate(policy_dir, reference_dir, cfg)
+    tracker.log_metrics({"eval/kl": 0.0, "eval/reward": result.metrics["eval/reference_reward"]}, step=0)
+    tracker.log_metrics(result.metrics, step=cfg.train.max_steps)
+    tracker.log_generations(result.samples, step=cfg.train.max_steps)
+    m = result.metrics
+    console.print(f"eval: reward {m['eval/reward']:.3f} (reference {m['eval/reference_reward']:.3f}), "
+                  f"KL to reference {m['eval/kl']:.2f} nats, win rate vs reference {m['eval/win_rate']:.2f}")
+    return m
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -259,7 +302,7 @@ def _loop(cfg: RunConfig, group, start_step: int, output_dir: Path, console, tra
         task = progress.add_task("train", total=cfg.train.max_steps, completed=start_step, info="")
         for step in range(start_step, cfg.train.max_steps):
             t0 = time.perf_counter()
-            metrics = _mean(group.call("train_step", step))
+            metrics = _combine_ranks(group.call("train_step", step))
             metrics["tokens_per_second"] = metrics["tokens"] / max(time.perf_counter() - t0, 1e-9)
             done = step + 1
             log_file.write(json.dumps({"step": done, **metrics}) + "\n")

@@ -24,7 +24,7 @@ def connect(cluster: ClusterConfig) -> None:
     if cluster.address is None:
         # A local instance sized for the job even on a 1-core laptop: CPU "slots" are logical.
         need = cluster.num_workers * cluster.cpus_per_worker + 1
-        kwargs.update(num_cpus=max(os.cpu_count() or 1, int(need + 0.999)), include_dashboard=False)
+        kwargs.update(num_cpus=max(os.cpu_count() or 1, int(need + 0.999)))
     else:
         kwargs["address"] = cluster.address
     ray.init(**kwargs)

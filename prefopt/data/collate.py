@@ -5,7 +5,8 @@ Sequence order (N sequences, B rows):
             logps[:B] are chosen and logps[B:] rejected. Chosen and rejected go through one
             forward pass: one all-gather of ZeRO-3 parameters instead of two.
 - unpaired: sequence i < B is prompt_i + completion_i; sequence B + i is the KL pair
-            prompt_i + completion_{(i+1) mod B} (KTO's mismatched pairs, rotated by one).
+            prompt_i + kl_completion_ids_i (KTO's mismatched pairs; TokenizedData.rows gives
+            each example the completion of the next row of the data set, (index + 1) mod N).
 - prompts:  left-padded prompts for generation (packing does not apply).
 
 Keys (R rows of T tokens: R = N, padded; R = 1, packed):
@@ -39,15 +40,14 @@ def _sequences(rows: Sequence[dict], max_length: int | None) -> tuple[list, list
         prompts = [r["prompt_ids"] for r in rows] * 2
         completions = [r["chosen_ids"] for r in rows] + [r["rejected_ids"] for r in rows]
         return prompts, completions
-    b = len(rows)
-    if b < 2:
-        raise ValueError("unpaired (KTO) batches need at least 2 rows: the KL term pairs each "
-                         "prompt with another row's completion")
+    # KTO's KL term pairs prompt i with another example's completion. The partner is fixed per
+    # example by TokenizedData.rows (the next row of the data set), not by the batch, so the
+    # reference log-probs of the mismatched pairs can be computed once and cached.
     prompts = [r["prompt_ids"] for r in rows] * 2
     completions = [r["completion_ids"] for r in rows]
-    mismatched = [rows[(i + 1) % b]["completion_ids"] for i in range(b)]
+    mismatched = [r["kl_completion_ids"] for r in rows]
     if max_length is not None:  # a mismatched pair can be longer than any real one
-        mismatched = [c[: max(1, max_length - len(p))] for p, c in zip(prompts[:b], mismatched, strict=True)]
+        mismatched = [c[: max(1, max_length - len(p))] for p, c in zip(prompts[: len(rows)], mismatched, strict=True)]
     return prompts, completions + mismatched
 
 

@@ -32,7 +32,6 @@ class Source:
     columns: list[str]  # in first-seen order
     rows: list[tuple[int, dict]]  # (1-based row number, {column: value})
     problems: list = field(default_factory=list)  # rows that could not be parsed (validate.Problem)
-    task: str | None = None  # built-in task name, when the rows come from one
     row_word: str = "row"  # JSONL rows are lines; messages say "line 7"
 
 
@@ -195,4 +194,4 @@ def _read_task(cfg: DataConfig) -> Source:
     except ValueError as exc:
         raise DataError(str(exc)) from None
     rows = list(enumerate(items, start=1))
-    return Source(f"task {task.name} (split {cfg.split})", _columns_of(rows), rows, task=task.name)
+    return Source(f"task {task.name} (split {cfg.split})", _columns_of(rows), rows)

@@ -71,10 +71,19 @@ class TokenizedData:
         return self._table
 
     def rows(self, indices: Sequence[int]) -> list[dict]:
-        """Rows by position (0-based), each with its position as "index" (the RefCache key)."""
+        """Rows by position (0-based), each with its position as "index" (the RefCache key).
+
+        Unpaired rows also carry "kl_completion_ids": the completion of row (index + 1) mod N.
+        """
         taken = self.table.take(pa.array(indices, type=pa.int64())).to_pylist()
         for index, row in zip(indices, taken, strict=True):
             row["index"] = int(index)
+        if self.kind == "unpaired":
+            # KTO's mismatched partner: the next row's completion, fixed per example (cacheable).
+            partners = [(int(i) + 1) % self.num_rows for i in indices]
+            column = self.table["completion_ids"].take(pa.array(partners, type=pa.int64())).to_pylist()
+            for row, kl_completion in zip(taken, column, strict=True):
+                row["kl_completion_ids"] = kl_completion
         return taken
 
     @classmethod

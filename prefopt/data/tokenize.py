@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 from prefopt.data.formats import FormatSpec
 from prefopt.data.sources import DataError, Source
-from prefopt.data.validate import Example, Problem
+from prefopt.data.validate import BadRow, Example, Problem
 
 
 @dataclass
@@ -41,16 +41,12 @@ class Encoded:
     truncated: Counter = field(default_factory=Counter)  # completion field -> rows truncated
 
 
-class _Bad(Exception):
-    def __init__(self, field: str | None, reason: str, message: str):
-        super().__init__(message)
-        self.field, self.reason, self.message = field, reason, message
-
-
 def _adds_bos(tokenizer) -> bool:
+    """Does the tokenizer put BOS in front of a text by default (as Llama's does)?"""
     bos = tokenizer.bos_token_id
     with_specials = tokenizer("a")["input_ids"]
-    return bos is not None and with_specials[:1] == [bos] and tokenizer("a", add_special_tokens=False)["input_ids"][:1] != [bos]
+    without = tokenizer("a", add_special_tokens=False)["input_ids"]
+    return bos is not None and with_specials[:1] == [bos] and without[:1] != [bos]
 
 
 def _render(example: Example, spec: FormatSpec, tokenizer, eos: str) -> tuple[str, list[str]]:
@@ -62,13 +58,13 @@ def _render(example: Example, spec: FormatSpec, tokenizer, eos: str) -> tuple[st
         fulls = [tokenizer.apply_chat_template(example.prompt + c, tokenize=False)
                  for c in example.completions]
     except Exception as exc:  # jinja2 errors, raise_exception() in templates, ...
-        raise _Bad("prompt", "template_error", f"the chat template failed: {exc}") from None
+        raise BadRow("prompt", "template_error", f"the chat template failed: {exc}") from None
     completions = []
     for name, full in zip(spec.completions, fulls, strict=True):
         if not full.startswith(prompt):
-            raise _Bad(name, "template_error",
-                       "the chat template does not render the prompt (with the generation "
-                       "prompt) as a prefix of the whole conversation")
+            raise BadRow(name, "template_error",
+                         "the chat template does not render the prompt (with the generation "
+                         "prompt) as a prefix of the whole conversation")
         text = full[len(prompt):]
         end = text.rfind(eos)
         if end >= 0 and not text[end + len(eos):].strip():
@@ -94,7 +90,7 @@ def encode(examples: list[Example], spec: FormatSpec, source: Source, tokenizer,
         try:
             rendered.append(_render(ex, spec, tokenizer, tokenizer.eos_token))
             kept.append(ex)
-        except _Bad as bad:
+        except BadRow as bad:
             problems.append(Problem(source.name, ex.row, bad.field, bad.reason, bad.message, source.row_word))
 
     # One batched call per column: the Rust tokenizer is much faster on batches.
@@ -119,11 +115,11 @@ def encode(examples: list[Example], spec: FormatSpec, source: Source, tokenizer,
             if bos_id is not None and prompt[:2] == [bos_id, bos_id]:
                 prompt = prompt[1:]  # a template's BOS plus one written in the text
             if len(prompt) > max_prompt_length:
-                raise _Bad("prompt", "no_room",
-                           f"the prompt has {len(prompt)} tokens, more than data.max_prompt_length="
-                           f"{max_prompt_length}: it leaves no room for the completion within "
-                           f"data.max_length={max_length} (prompts are never cut; raise both, "
-                           "or skip such rows)")
+                raise BadRow("prompt", "no_room",
+                             f"the prompt has {len(prompt)} tokens, more than data.max_prompt_length="
+                             f"{max_prompt_length}: it leaves no room for the completion within "
+                             f"data.max_length={max_length} (prompts are never cut; raise both, "
+                             "or skip such rows)")
             budget = max_length - len(prompt)
             outs, cut = [], []
             for name, ids_by_row in zip(names, completion_ids, strict=True):
@@ -131,17 +127,17 @@ def encode(examples: list[Example], spec: FormatSpec, source: Source, tokenizer,
                 while ids and ids[-1] == eos_id:
                     ids.pop()
                 if eos_id in ids:
-                    raise _Bad(name, "eos_in_text",
-                               f"contains the EOS token {tokenizer.eos_token!r} before its end "
-                               "(the model would learn to stop there)")
+                    raise BadRow(name, "eos_in_text",
+                                 f"contains the EOS token {tokenizer.eos_token!r} before its end "
+                                 "(the model would learn to stop there)")
                 ids.append(eos_id)
                 cut.append(len(ids) > budget)
                 outs.append(ids[:budget])
             if spec.kind == "pair" and outs[0] == outs[1]:
-                raise _Bad("chosen", "identical_after_truncation",
-                           f"chosen and rejected have the same tokens once cut to data.max_length="
-                           f"{max_length} ({len(prompt)} prompt tokens)")
-        except _Bad as bad:
+                raise BadRow("chosen", "identical_after_truncation",
+                             f"chosen and rejected have the same tokens once cut to data.max_length="
+                             f"{max_length} ({len(prompt)} prompt tokens)")
+        except BadRow as bad:
             problems.append(Problem(source.name, ex.row, bad.field, bad.reason, bad.message, source.row_word))
             continue
         truncated.update(name for name, c in zip(names, cut, strict=True) if c)

@@ -2,7 +2,7 @@
 
 A problem names the source, the row (1-based, and says so) and the field, e.g.
 
-    data/hh.jsonl: line 7 (1-based), field 'chosen': same text as 'rejected'
+    data/hh.jsonl: line 7 (1-based), field 'chosen': same transcript as 'rejected'
 
 All rows are checked, so a user sees every problem at once rather than one per run. Whether a
 problem stops the run or drops its row is `data.on_bad_row`'s call (prefopt.data.prepare).
@@ -67,8 +67,8 @@ class Example:
     label: bool | None = None  # unpaired: desirable?
 
 
-class _RowProblems(Exception):
-    """Raised inside a row's checks to stop at the first problem of that row."""
+class BadRow(Exception):
+    """Raised inside a row's checks (here and in tokenize.py) at the first problem of the row."""
 
     def __init__(self, field: str | None, reason: str, message: str):
         super().__init__(message)
@@ -82,33 +82,33 @@ def _describe(value) -> str:
 
 def _check_text(value, field: str) -> str:
     if value is None:
-        raise _RowProblems(field, "missing_value", "no value")
+        raise BadRow(field, "missing_value", "no value")
     if not isinstance(value, str):
-        raise _RowProblems(field, "not_string", f"expected a string, got {_describe(value)}")
+        raise BadRow(field, "not_string", f"expected a string, got {_describe(value)}")
     if not value.strip():
-        raise _RowProblems(field, "empty", "empty text")
+        raise BadRow(field, "empty", "empty text")
     return value
 
 
 def _check_messages(value, field: str) -> list[dict]:
     if value is None:
-        raise _RowProblems(field, "missing_value", "no value")
+        raise BadRow(field, "missing_value", "no value")
     if not isinstance(value, list):
-        raise _RowProblems(
+        raise BadRow(
             field, "not_messages",
             f"expected a list of {{role, content}} messages, got {_describe(value)}",
         )
     if not value:
-        raise _RowProblems(field, "empty", "no messages")
+        raise BadRow(field, "empty", "no messages")
     for i, message in enumerate(value):
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
-            raise _RowProblems(
+            raise BadRow(
                 f"{field}[{i}]", "not_messages",
                 f"expected a {{role, content}} message, got {_describe(message)}",
             )
         role = message["role"]
         if role not in ROLES:
-            raise _RowProblems(
+            raise BadRow(
                 f"{field}[{i}].role", "unknown_role",
                 f"unknown role {role!r} (allowed: {', '.join(ROLES)})",
             )
@@ -120,7 +120,7 @@ def _check_messages(value, field: str) -> list[dict]:
 
 def _check_prompt_turns(messages: list[dict], field: str) -> None:
     if messages[-1]["role"] == "assistant":
-        raise _RowProblems(
+        raise BadRow(
             f"{field}[{len(messages) - 1}].role", "prompt_ends_with_assistant",
             "the prompt ends with an assistant message; the completion must be the next turn",
         )
@@ -128,7 +128,7 @@ def _check_prompt_turns(messages: list[dict], field: str) -> None:
 
 def _check_ends_with_assistant(messages: list[dict], field: str) -> None:
     if messages[-1]["role"] != "assistant":
-        raise _RowProblems(
+        raise BadRow(
             f"{field}[{len(messages) - 1}].role", "not_assistant_last",
             f"the conversation ends with a {messages[-1]['role']!r} message, not the assistant's",
         )
@@ -138,7 +138,7 @@ def _check_completion_turns(messages: list[dict], field: str) -> None:
     _check_ends_with_assistant(messages, field)
     if len(messages) != 1:
         roles = ", ".join(m["role"] for m in messages)
-        raise _RowProblems(
+        raise BadRow(
             field, "completion_turns",
             f"a completion is one assistant message; got {len(messages)} ({roles})",
         )
@@ -152,8 +152,8 @@ def _check_label(value) -> bool:
     if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0"):
         return value.strip().lower() in ("true", "1")
     if value is None:
-        raise _RowProblems("label", "missing_value", "no value")
-    raise _RowProblems("label", "bad_label", f"expected true or false, got {_describe(value)}")
+        raise BadRow("label", "missing_value", "no value")
+    raise BadRow("label", "bad_label", f"expected true or false, got {_describe(value)}")
 
 
 def _split_text_transcripts(chosen: str, rejected: str, marker: str) -> tuple[str, str, str]:
@@ -161,7 +161,7 @@ def _split_text_transcripts(chosen: str, rejected: str, marker: str) -> tuple[st
     shared = os.path.commonprefix([chosen, rejected])
     end = shared.rfind(marker)
     if end < 0:
-        raise _RowProblems(
+        raise BadRow(
             "chosen", "no_shared_prompt",
             f"chosen and rejected share no prefix ending in data.assistant_marker {marker!r}",
         )
@@ -169,12 +169,12 @@ def _split_text_transcripts(chosen: str, rejected: str, marker: str) -> tuple[st
     prompt, completions = chosen[:end], (chosen[end:], rejected[end:])
     for field, text in zip(("chosen", "rejected"), completions, strict=True):
         if not text.strip():
-            raise _RowProblems(field, "empty", "nothing after the shared prompt")
+            raise BadRow(field, "empty", "nothing after the shared prompt")
         if marker in text:
-            raise _RowProblems(
+            raise BadRow(
                 field, "completion_turns",
-                "the transcripts part before their last assistant turn, so the completion "
-                "would hold several turns",
+                "chosen and rejected differ before their last assistant turn, so the "
+                "completion would hold several turns",
             )
     return prompt, *completions
 
@@ -184,13 +184,13 @@ def _split_message_transcripts(chosen: list[dict], rejected: list[dict]):
     while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
         shared += 1
     if shared == 0:
-        raise _RowProblems("chosen", "no_shared_prompt",
+        raise BadRow("chosen", "no_shared_prompt",
                            "chosen and rejected do not start with the same message")
     prompt = chosen[:shared]
     _check_prompt_turns(prompt, "chosen")
     for field, messages in (("chosen", chosen[shared:]), ("rejected", rejected[shared:])):
         if not messages:
-            raise _RowProblems(field, "empty", "nothing after the shared prompt")
+            raise BadRow(field, "empty", "nothing after the shared prompt")
         _check_completion_turns(messages, field)
     return prompt, chosen[shared:], rejected[shared:]
 
@@ -200,7 +200,7 @@ def _check_row(row: dict, spec: FormatSpec, marker: str, number: int) -> Example
     if spec.name == "implicit_prompt":
         chosen, rejected = check(row.get("chosen"), "chosen"), check(row.get("rejected"), "rejected")
         if chosen == rejected:
-            raise _RowProblems("chosen", "identical", "same transcript as 'rejected'")
+            raise BadRow("chosen", "identical", "same transcript as 'rejected'")
         if spec.messages:
             _check_ends_with_assistant(chosen, "chosen")
             _check_ends_with_assistant(rejected, "rejected")
@@ -217,7 +217,7 @@ def _check_row(row: dict, spec: FormatSpec, marker: str, number: int) -> Example
         for field, messages in zip(spec.completions, completions, strict=True):
             _check_completion_turns(messages, field)
     if spec.kind == "pair" and completions[0] == completions[1]:
-        raise _RowProblems("chosen", "identical", "same completion as 'rejected'")
+        raise BadRow("chosen", "identical", "same completion as 'rejected'")
     label = _check_label(row.get("label")) if spec.kind == "unpaired" else None
     return Example(number, prompt, completions, label)
 
@@ -228,6 +228,6 @@ def check_rows(source: Source, spec: FormatSpec, assistant_marker: str):
     for number, row in source.rows:
         try:
             examples.append(_check_row(row, spec, assistant_marker, number))
-        except _RowProblems as p:
+        except BadRow as p:
             problems.append(Problem(source.name, number, p.field, p.reason, p.message, source.row_word))
     return examples, problems

@@ -3,3 +3,11 @@
 from prefopt.models.tiny import build_tiny_model, build_tokenizer, ensure_model, save_tiny
 
 __all__ = ["build_tiny_model", "build_tokenizer", "ensure_model", "save_tiny"]
+
+
+def quiet_transformers() -> None:
+    """No per-file progress bars or info lines from transformers: prefopt shows its own progress."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()

@@ -8,12 +8,13 @@ only at completion positions, in chunks, as logit[label] - logsumexp(logits) in 
 autograd function whose backward writes the gradient straight into one [R, T, V] tensor. So
 neither a log_softmax copy nor (for bf16 models) an fp32 copy of the logits is ever made.
 
-Packing: transformers' masking utilities (>= 4.5x; checked on 5.23, eager and sdpa) treat a row
-as several sequences when attention_mask is None and position_ids restart at 0; the causal mask
-becomes block-diagonal. That holds only without a KV cache, so forward passes here set
-use_cache=False (with a cache, which LlamaModel creates in eval mode, sequences would see each
-other). `packing_supported` checks a model empirically; `resolve_packing` falls back to padded
-batches, saying so once, for models that do not isolate packed sequences.
+Packing: transformers' masking utilities (masking_utils.find_packed_sequence_indices; checked
+with transformers 5.23, eager and sdpa attention) treat a row as several sequences when
+attention_mask is None and position_ids restart at 0: the causal mask becomes block-diagonal.
+Only without a KV cache, though: LlamaModel makes one unless use_cache=False (config.use_cache
+is True by default), and then packed sequences see each other. So every forward here passes
+use_cache=False. `packing_supported` checks a model empirically; `resolve_packing` falls back
+to padded batches, saying so once, for models that do not keep packed sequences apart.
 """
 
 from __future__ import annotations
@@ -146,7 +147,8 @@ def resolve_packing(model, requested: bool) -> bool:
     """`requested`, unless the model cannot pack; then False, with one warning per model type."""
     if not requested or packing_supported(model):
         return requested
-    name = f"{type(model).__name__} ({getattr(model.config, '_attn_implementation', '?')} attention)"
+    attention = getattr(getattr(model, "config", None), "_attn_implementation", "?")
+    name = f"{type(model).__name__} ({attention} attention)"
     if name not in _warned:
         _warned.add(name)
         log.warning("data.packing: %s does not keep packed sequences apart; "

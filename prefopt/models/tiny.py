@@ -96,6 +96,9 @@ def _default_corpus(limit: int = 4000) -> list[str]:
 
 def save_tiny(out_dir: str | Path, cfg: TinyModelConfig, corpus: Iterable[str] | None = None) -> Path:
     """Build tokenizer + model and save both in Hugging Face format to `out_dir`."""
+    from prefopt.models import quiet_transformers
+
+    quiet_transformers()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(corpus if corpus is not None else _default_corpus(), cfg.vocab_size)

@@ -11,20 +11,22 @@ other reviews (samples from the data distribution rather than from a model). The
 candidate is `chosen`, the lowest `rejected`; a prompt is kept only when their rewards differ by
 at least MIN_GAP, so each pair says clearly which way the reward points. Measured with the tiny
 model (DPO, beta 0.1, lr 5e-4, 4 pairs a step, 100 steps, fresh pairs each step): accuracy on
-held-out test pairs about 0.9 with MIN_GAP 0.7, about 0.8 with 0.5-0.6. Completions are 6-16
-words (about 30 tokens of the tiny tokenizer), cut after the first sentence end past 6 words.
+held-out test pairs 0.86-0.95 with MIN_GAP 0.7, about 0.8 with 0.5-0.6; on the pairs trained
+on, 0.99-1.0. Completions are 6-16 words (about 30 tokens of the tiny tokenizer), cut after the
+first sentence end past 6 words.
 
 Views (`data.format`): preference (default), unpaired (chosen -> desirable, rejected ->
 undesirable, two rows per pair) and prompt_only (PPO, ReST, evaluation). `data.split` is train
-or test: every 10th review is test, the rest train, so test prompts never appear in training.
-`data.num_examples` sets the number of rows (default DEFAULT_ROWS). Everything is a pure
-function of (split, seed, num_examples).
+or test: a review is test when a hash of its words is 0 mod 10 (about 1 in 10), so no test
+review, not even a repeated one, appears in training. `data.num_examples` sets the number of
+rows (default DEFAULT_ROWS). Everything is a pure function of (split, seed, num_examples).
 """
 
 from __future__ import annotations
 
 import itertools
 import random
+import zlib
 from collections.abc import Sequence
 from functools import cache
 
@@ -60,9 +62,11 @@ def reward(prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
 def _split_words(split: str) -> tuple[tuple[str, ...], ...]:
     if split not in ("train", "test"):
         raise ValueError(f"data.split: the imdb_sentiment task has splits train and test, not {split!r}")
-    reviews = load_reviews(source="imdb")
-    keep = [r for i, r in enumerate(reviews) if (i % TEST_EVERY == 0) == (split == "test")]
-    return tuple(tuple(r.split()) for r in keep)
+    # Split by a hash of the text, not by position: IMDb repeats some reviews, and a repeat
+    # must land in the same split as its twin.
+    words = [tuple(r.split()) for r in load_reviews(source="imdb")]
+    test = split == "test"
+    return tuple(w for w in words if (zlib.crc32(" ".join(w).encode()) % TEST_EVERY == 0) == test)
 
 
 def _continuation(words: Sequence[str], start: int) -> str | None:

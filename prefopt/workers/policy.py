@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import random
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from prefopt.cluster.deepspeed_config import deepspeed_config
 from prefopt.cluster.sharding import StepPlan
 from prefopt.cluster.worker_group import RankEnv
 from prefopt.config import RunConfig
+from prefopt.models import quiet_transformers
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -49,6 +51,9 @@ def _param_bytes(module: torch.nn.Module) -> int:
 class PolicyWorker(RankEnv):
     def __init__(self, config_json: str):
         self.cfg = RunConfig.model_validate_json(config_json)
+        quiet_transformers()
+        # DeepSpeed 0.19 still calls collectives that torch 2.13 deprecates, once per step.
+        warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated")
         torch.set_num_threads(max(1, int(self.cfg.cluster.cpus_per_worker)))
 
     # ------------------------------------------------------------------ setup
@@ -59,6 +64,7 @@ class PolicyWorker(RankEnv):
         from transformers.integrations import HfDeepSpeedConfig
 
         from prefopt.data import TokenizedData
+        from prefopt.models.logprobs import resolve_packing
 
         cfg = self.cfg
         torch.manual_seed(cfg.train.seed)
@@ -77,6 +83,8 @@ class PolicyWorker(RankEnv):
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
         )
+        # Every rank probes together: under ZeRO-3 a forward is a collective.
+        self.packing = resolve_packing(self.engine.module, cfg.data.packing)
         self.data = TokenizedData.open(data_path)
         self.ref_logps = None if ref_logps_path is None else _load_ref_logps(ref_logps_path)
         self.plan = StepPlan(
@@ -84,29 +92,29 @@ class PolicyWorker(RankEnv):
             grad_accum=cfg.train.gradient_accumulation_steps, world_size=self.world_size,
             seed=cfg.data.seed,
         )
-        return {"rank": self.rank, "param_bytes": _param_bytes(self.engine.module)}
+        return {"rank": self.rank, "param_bytes": _param_bytes(self.engine.module), "packing": self.packing}
 
     # ------------------------------------------------------------------ training
 
     def train_step(self, step: int) -> dict[str, float]:
         """One optimizer step: gradient_accumulation_steps micro-batches on this rank's rows."""
-        from prefopt.algorithms.offline import micro_batch_loss
+        from prefopt.algorithms.offline import mean_metrics, micro_batch_loss
 
         self.engine.train()
         start = time.perf_counter()
-        sums: dict[str, float] = {}
+        parts: list[dict[str, float]] = []
         tokens = 0
         for micro in range(self.plan.grad_accum):
             indices = self.plan.rows(step, micro, self.rank)
-            loss, metrics, n_tokens = micro_batch_loss(self.engine, self.data, indices, self.cfg, self.ref_logps)
+            loss, metrics, n_tokens = micro_batch_loss(self.engine, self.data, indices, self.cfg, self.ref_logps,
+                                                       self.packing)
             # DeepSpeed divides by gradient_accumulation_steps and averages over ranks, so a
             # per-micro-batch mean here gives the mean over the whole global batch.
             self.engine.backward(loss)
             self.engine.step()
             tokens += n_tokens
-            for key, value in metrics.items():
-                sums[key] = sums.get(key, 0.0) + value
-        out = {k: v / self.plan.grad_accum for k, v in sums.items()}
+            parts.append(metrics)
+        out = mean_metrics(parts)
         out["tokens"] = float(tokens)
         out["step_seconds"] = time.perf_counter() - start
         out["lr"] = self.scheduler.get_last_lr()[0]

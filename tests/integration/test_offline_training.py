@@ -86,7 +86,7 @@ def test_reward_accuracy_exceeds_090_on_learnable_pairs(tmp_path, tiny_model_dir
 
 def test_two_ranks_equal_one_rank_with_twice_the_micro_batch(tmp_path, tiny_model_dir, synthetic_pairs, ray_local):
     """Loss scaling across ranks and accumulation steps: the same global batch, the same curve."""
-    curves = {}
+    curves, param_bytes = {}, {}
     layouts = {
         "2x2": ["cluster.num_workers=2", "train.micro_batch_size=2"],
         "1x4": ["cluster.num_workers=1", "train.micro_batch_size=4"],
@@ -95,11 +95,15 @@ def test_two_ranks_equal_one_rank_with_twice_the_micro_batch(tmp_path, tiny_mode
     for name, overrides in layouts.items():
         cfg = tiny_run(tmp_path / name, tiny_model_dir, synthetic_pairs, "train.max_steps=5",
                        "data.packing=false", *overrides)
-        train(cfg, quiet())
+        param_bytes[name] = train(cfg, quiet()).param_bytes
         curves[name] = [m["loss"] for m in read_metrics(tmp_path / name)]
     assert curves["1x4"][-1] < curves["1x4"][0]  # the curve moves, so equality means something
     for name in ("2x2", "1x2x2acc"):
         assert curves[name] == pytest.approx(curves["1x4"], abs=1e-4), name
+    # ZeRO-3: with two ranks each holds about half of the parameters, never the whole model.
+    whole = param_bytes["1x4"][0]
+    assert len(param_bytes["2x2"]) == 2
+    assert all(0.45 * whole < held < 0.55 * whole for held in param_bytes["2x2"]), (param_bytes, whole)
 
 
 def test_killed_run_resumes_to_the_same_final_loss(tmp_path, tiny_model_dir, synthetic_pairs, ray_local):

@@ -14,7 +14,7 @@ def test_yaml_values_reach_the_tree():
     assert cfg.train.max_steps == 20
     assert cfg.data.max_prompt_length == 48
     # Untouched fields keep their defaults.
-    assert cfg.tracking.experiment == RunConfig().tracking.experiment
+    assert cfg.tracking.experiment == "tiny" != RunConfig().tracking.experiment
 
 
 @pytest.mark.parametrize(

@@ -72,7 +72,7 @@ def assert_masks_exact(td, tokenizer):
     b = len(rows)
     if "chosen_ids" in rows[0]:  # chosen of every pair, then rejected
         completions = [r["chosen_ids"] for r in rows] + [r["rejected_ids"] for r in rows]
-    else:  # KTO: the rows, then prompt i with completion i + 1 (mod b) for the KL term
+    else:  # KTO: the rows, then prompt i with completion i + 1 (mod N) for the KL term
         completions = [r["completion_ids"] for r in rows]
         completions += [rows[(i + 1) % b]["completion_ids"] for i in range(b)]
     prompts = [r["prompt_ids"] for r in rows] * 2

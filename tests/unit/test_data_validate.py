@@ -60,7 +60,7 @@ CASES = [
     (GOOD_HH, {"chosen": "\n\nHuman: Hi\n\nAssistant: Yes.\n\nHuman: Sure?\n\nAssistant: Yes.",
                "rejected": "\n\nHuman: Hi\n\nAssistant: No.\n\nHuman: Sure?\n\nAssistant: No."},
      {}, "completion_turns", "chosen",
-     "the transcripts part before their last assistant turn, so the completion would hold several turns"),
+     "chosen and rejected differ before their last assistant turn, so the completion would hold several turns"),
     (GOOD, {**GOOD, "chosen": " great.<|eos|> And funny."}, {}, "eos_in_text", "chosen",
      "contains the EOS token '<|eos|>' before its end (the model would learn to stop there)"),
     (GOOD, {**GOOD, "prompt": " ".join(["The film was great."] * 8)}, {"max_prompt_length": 16, "max_length": 64},

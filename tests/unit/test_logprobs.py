@@ -129,8 +129,9 @@ def test_packed_and_padded_pairs_give_the_same_logps_and_gradients(tiny_model):
 
 
 def test_packed_and_padded_unpaired_batches_agree_including_kl_pairs(tiny_model):
-    rows = [{"index": i, "prompt_ids": r["prompt_ids"], "completion_ids": r["chosen_ids"], "label": i % 2 == 0}
-            for i, r in enumerate(_pairs(4, seed=1))]
+    pairs = _pairs(4, seed=1)
+    rows = [{"index": i, "prompt_ids": r["prompt_ids"], "completion_ids": r["chosen_ids"], "label": i % 2 == 0,
+             "kl_completion_ids": pairs[(i + 1) % 4]["chosen_ids"]} for i, r in enumerate(pairs)]
     with torch.no_grad():
         a, _ = sequence_logps(tiny_model, collate(rows, pad_token_id=0, packing=True))
         b, _ = sequence_logps(tiny_model, collate(rows, pad_token_id=0, packing=False))
@@ -193,19 +194,49 @@ def test_pad_and_pack_layouts_by_hand():
     assert mixed["labels"][0].tolist() == short["labels"][0].tolist() + [-100, -100]
 
 
-def test_unpaired_batch_rotates_completions_for_the_kl_term():
-    rows = [{"index": i, "prompt_ids": [1, 10 + i], "completion_ids": [20 + i, 2], "label": i != 1} for i in range(3)]
+def test_unpaired_batch_pairs_each_prompt_with_its_kl_partner():
+    rows = [{"index": i, "prompt_ids": [1, 10 + i], "completion_ids": [20 + i, 2], "label": i != 1,
+             "kl_completion_ids": [30 + i, 2]} for i in range(3)]
     batch = collate(rows, pad_token_id=0, packing=False)
     assert batch["input_ids"].tolist() == [
         [1, 10, 20, 2], [1, 11, 21, 2], [1, 12, 22, 2],  # prompt i + completion i
-        [1, 10, 21, 2], [1, 11, 22, 2], [1, 12, 20, 2],  # prompt i + completion i + 1 (mod 3)
+        [1, 10, 30, 2], [1, 11, 31, 2], [1, 12, 32, 2],  # prompt i + its KL partner completion
     ]
     assert batch["desirable"].tolist() == [True, False, True]
     assert batch["example_index"].tolist() == [0, 1, 2]
-    long = [{**r, "prompt_ids": [1, 3, 3, 3]} if i == 0 else {**r, "completion_ids": [5, 5, 5, 2]}
-            for i, r in enumerate(rows)]
+    long = [{**r, "prompt_ids": [1, 3, 3, 3]} if i == 0 else r for i, r in enumerate(rows)]
+    long[0]["kl_completion_ids"] = [5, 5, 5, 2]
     cut = collate(long, pad_token_id=0, packing=True, max_length=6)
-    # Real: 2, 4, 4. KL pair 0 is 4 prompt tokens + the first 2 of completion 1's 4 tokens.
-    assert cut["lengths"].tolist() == [2, 4, 4, 2, 4, 2]
-    with pytest.raises(ValueError, match="at least 2 rows"):
-        collate(rows[:1], pad_token_id=0, packing=True)
+    # Real: 2, 2, 2. KL pair 0 is 4 prompt tokens + the first 2 of its partner's 4 tokens.
+    assert cut["lengths"].tolist() == [2, 2, 2, 2, 2, 2]
+    assert cut["input_ids"][0, 14:20].tolist() == [1, 3, 3, 3, 5, 5]  # after 6 + 4 + 4 real tokens
+    single = collate(rows[:1], pad_token_id=0, packing=True)  # one example is enough now
+    assert single["lengths"].tolist() == [2, 2]
+
+
+def test_kl_partner_is_fixed_by_the_data_set_not_the_batch(tiny_tokenizer, tmp_path):
+    from prefopt.config import RunConfig
+    from prefopt.data import prepare
+
+    td = prepare(RunConfig.model_validate({"data": {"num_examples": 6, "format": "unpaired"}}), tiny_tokenizer,
+                 tmp_path)
+    everything = td.rows(range(td.num_rows))
+    for index in (0, 3, td.num_rows - 1):
+        (row,) = td.rows([index])
+        assert row["kl_completion_ids"] == everything[(index + 1) % td.num_rows]["completion_ids"]
+    # The same example gets the same partner in any batch.
+    assert td.rows([4, 1])[1]["kl_completion_ids"] == td.rows([1])[0]["kl_completion_ids"]
+
+
+@pytest.mark.parametrize("fmt", ["preference", "unpaired"])
+def test_packed_equals_padded_on_the_built_in_task(tiny_model, tiny_tokenizer, tmp_path, fmt):
+    from prefopt.config import RunConfig
+    from prefopt.data import prepare
+
+    td = prepare(RunConfig.model_validate({"data": {"num_examples": 8, "format": fmt}}), tiny_tokenizer, tmp_path)
+    rows = td.rows(range(td.num_rows))
+    with torch.no_grad():
+        a, la = sequence_logps(tiny_model, collate(rows, pad_token_id=td.pad_token_id, packing=True))
+        b, lb = sequence_logps(tiny_model, collate(rows, pad_token_id=td.pad_token_id, packing=False))
+    assert a.shape == (16,) and torch.equal(la, lb)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

@@ -1,0 +1,44 @@
+"""Every shipped tiny config trains on the built-in task; reference-free ones start no reference actor."""
+
+import io
+import json
+import math
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from prefopt.algorithms.offline import train
+from prefopt.config import load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# First-step loss with the policy equal to the reference (every log-ratio is 0):
+#   dpo: -log sigmoid(0) = ln 2;  ipo: (0 - 1/(2*0.1))^2 = 25;  kto: 1 - sigmoid(0) = 0.5.
+FIRST_LOSS = {"dpo": math.log(2), "ipo": 25.0, "kto": 0.5}
+REFERENCE_FREE = {"simpo", "orpo", "sft"}
+
+
+def reference_actors(ray) -> int:
+    from ray.util.state import list_actors
+
+    return len(list_actors(filters=[("class_name", "=", "ReferenceWorker")], limit=1000))
+
+
+@pytest.mark.parametrize("name", ["dpo", "ipo", "kto", "simpo", "orpo", "sft"])
+def test_tiny_config_trains(name, tmp_path, tiny_model_dir, ray_local):
+    cfg = load_config(ROOT / f"configs/tiny/{name}.yaml", [
+        f"model.path={tiny_model_dir}", "data.num_examples=48", "train.max_steps=3", f"output_dir={tmp_path}",
+        "eval.num_prompts=4", "eval.max_new_tokens=4",
+    ])
+    before = reference_actors(ray_local)
+    result = train(cfg, Console(file=io.StringIO()))
+    metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 3 and all(math.isfinite(m["loss"]) for m in metrics)
+    if name in FIRST_LOSS:
+        assert metrics[0]["loss"] == pytest.approx(FIRST_LOSS[name], abs=1e-4)
+    assert metrics[-1]["loss"] != metrics[0]["loss"]
+    started = reference_actors(ray_local) - before
+    assert started == (0 if name in REFERENCE_FREE else cfg.ref.num_replicas)
+    assert {"eval/reward", "eval/kl", "eval/win_rate"} <= result.final_metrics.keys()
+    assert 0.0 <= result.final_metrics["eval/reward"] <= 1.0
