@@ -113,5 +113,19 @@ def train(
     cfg = resolve(config, set_)
     try:
         train_offline(cfg, console, resume=resume)
-    except (DataError, FileNotFoundError, ValueError) as exc:
+    except (DataError, FileNotFoundError, ValueError) as exc:  # RefCacheMismatch is a ValueError
+        fail(str(exc))
+
+
+@app.command("precompute-ref")
+def precompute_ref(config: ConfigArg, set_: SetOpt = None) -> None:
+    """Compute the reference log-probs of the run's data once into the reusable cache (resumable)."""
+    from prefopt.algorithms.precompute_ref import run
+    from prefopt.data import DataError
+    from prefopt.refcache import RefCacheMismatch
+
+    cfg = resolve(config, set_)
+    try:
+        run(cfg, console)
+    except (DataError, RefCacheMismatch, FileNotFoundError) as exc:
         fail(str(exc))

@@ -62,12 +62,15 @@ def sequence_logps_of_rows(model, data, indices: list[int], packing: bool) -> di
 
 def micro_batch_loss(model, data, indices: list[int], cfg: RunConfig, ref: dict[str, np.ndarray] | None,
                      packing: bool):
-    """-> (loss scalar, metrics {name: float}, non-padding tokens) for one micro-batch."""
+    """-> (loss scalar, metrics {name: float}, non-padding tokens) for one micro-batch.
+
+    ref: reference log-probs of exactly these rows, {role: [B]} (None for reference-free losses).
+    """
     from prefopt.losses import pairwise_loss, resolve_params, unpaired_loss
 
     name = cfg.algorithm.name
     logps, info = forward_logps(model, data, indices, packing)
-    ref_of = (lambda role: torch.as_tensor(ref[role][indices])) if ref is not None else (lambda role: None)
+    ref_of = (lambda role: torch.as_tensor(ref[role])) if ref is not None else (lambda role: None)
     if name == "sft":
         # Mean token NLL of each chosen completion, averaged over examples: per-example means
         # keep the loss independent of how examples are split across ranks and micro-batches.
@@ -99,39 +102,6 @@ def needs_reference_model(cfg: RunConfig) -> bool:
     if cfg.algorithm.name == "sft":
         return False
     return needs_reference(cfg.algorithm.name, **cfg.algorithm.loss_params())
-
-
-def compute_reference_logps(cfg: RunConfig, model_dir: Path, data, out_file: Path, console) -> Path:
-    """Reference log-probs of every row, computed by a pool of ReferenceWorkers, one Parquet file."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    import ray
-    from ray.util import ActorPool
-    from rich.progress import Progress
-
-    from prefopt.workers.reference import ReferenceWorker
-
-    if out_file.is_file():
-        return out_file
-    remote = ray.remote(num_cpus=cfg.cluster.cpus_per_worker)(ReferenceWorker)
-    actors = [remote.remote(cfg.model_dump_json(), str(model_dir), str(data.path))
-              for _ in range(cfg.ref.num_replicas)]
-    chunk = max(1, cfg.train.micro_batch_size)
-    chunks = [list(range(s, min(s + chunk, data.num_rows))) for s in range(0, data.num_rows, chunk)]
-    columns: dict[str, list[np.ndarray]] = {}
-    with Progress(console=console, transient=True) as progress:
-        task = progress.add_task("reference log-probs", total=data.num_rows)
-        for result in ActorPool(actors).map(lambda a, idx: a.logps.remote(idx), chunks):
-            for role, values in result.items():
-                columns.setdefault(role, []).append(values)
-            progress.advance(task, len(next(iter(result.values()))))
-    for actor in actors:
-        ray.kill(actor)
-    table = pa.table({role: np.concatenate(parts).astype(np.float32) for role, parts in columns.items()})
-    tmp = out_file.with_suffix(".tmp")
-    pq.write_table(table, tmp)
-    tmp.replace(out_file)  # atomic: a half-written file is never read
-    return out_file
 
 
 @dataclass
@@ -175,13 +145,15 @@ def train(cfg: RunConfig, console, *, resume: bool | None = None) -> TrainResult
     """Run offline training end to end. resume: None = resume if a checkpoint exists."""
     from transformers import AutoTokenizer
 
+    from prefopt.algorithms.precompute_ref import precompute
     from prefopt.cluster.ray_setup import connect
     from prefopt.cluster.worker_group import WorkerGroup
     from prefopt.data import prepare
     from prefopt.models import ensure_model
     from prefopt.tracking import Tracker
-    from prefopt.tracking.tracker import TAG_DATA_FINGERPRINT
+    from prefopt.tracking.tracker import TAG_DATA_FINGERPRINT, TAG_REFCACHE_FINGERPRINT
     from prefopt.workers.policy import PolicyWorker
+    from prefopt.workers.reference import ReferenceServer
 
     timings: dict[str, float] = {}
     output_dir = Path(cfg.output_dir)
@@ -211,24 +183,29 @@ def train(cfg: RunConfig, console, *, resume: bool | None = None) -> TrainResult
         _warn_kto_balance(cfg, data, console)
 
     connect(cfg.cluster)
-    ref_file = None
+    # The reference, for losses that need one: a filled cache (the default), or a server that
+    # answers per micro-batch (ref.mode=live). Either way it never lives on a policy rank.
+    ref_cache, ref_server, tags = None, None, {TAG_DATA_FINGERPRINT: data.fingerprint}
     if needs_reference_model(cfg):
         if cfg.ref.mode == "none":
             raise ValueError(f"algorithm.name={cfg.algorithm.name} needs a reference model, but ref.mode is none")
         t0 = time.perf_counter()
-        ref_file = compute_reference_logps(cfg, model_dir, data,
-                                           output_dir / f"ref-logps-{data.fingerprint[:16]}.parquet", console)
+        if cfg.ref.mode == "cache":
+            ref_cache = precompute(cfg, model_dir, tokenizer, data, console)
+            tags[TAG_REFCACHE_FINGERPRINT] = ref_cache.fingerprint
+        else:
+            ref_server = ReferenceServer(cfg, model_dir, data)
         timings["reference_seconds"] = time.perf_counter() - t0
 
     with Tracker.start(cfg, run_id=checkpoint[1].get("mlflow_run_id") if checkpoint else None,
-                       tags={TAG_DATA_FINGERPRINT: data.fingerprint}) as tracker:
+                       tags=tags) as tracker:
         tracker.log_config()
         t0 = time.perf_counter()
         with console.status(f"starting {cfg.cluster.num_workers} policy worker(s)"):
             group = WorkerGroup(PolicyWorker, cfg.cluster, name="policy", init_args=(cfg.model_dump_json(),))
         try:
-            infos = group.call("setup", model_dir=str(model_dir), data_path=str(data.path),
-                               ref_logps_path=str(ref_file) if ref_file else None)
+            infos = group.call("setup", model_dir=str(model_dir), data_path=str(data.path), ref_cache=ref_cache,
+                               ref_actors=ref_server.actors if ref_server else None)
             timings["startup_seconds"] = time.perf_counter() - t0
             console.print(f"policy: {group.size} rank(s), ZeRO stage {cfg.deepspeed.zero_stage}, "
                           f"{infos[0]['param_bytes'] / 2**20:.2f} MiB of parameters on rank 0")
@@ -246,6 +223,8 @@ def train(cfg: RunConfig, console, *, resume: bool | None = None) -> TrainResult
                 group.call("export", str(export_dir), str(model_dir))
         finally:
             group.shutdown()
+            if ref_server is not None:
+                ref_server.shutdown()
         console.print(f"exported policy to [bold]{export_dir}[/]")
         if cfg.data.task is not None:
             metrics |= _evaluate(cfg, export_dir, model_dir, tracker, console)

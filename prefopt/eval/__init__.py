@@ -62,8 +62,10 @@ def _completion_logps(model, ids: torch.Tensor, prompt_len: int, pad_id: int, eo
 def evaluate(policy_dir, reference_dir, cfg: RunConfig, *, seed: int = 0) -> EvalResult:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from prefopt.models import quiet_transformers
     from prefopt.tasks import get_task
 
+    quiet_transformers()
     if cfg.data.task is None:
         raise ValueError("evaluation needs a built-in task with a ground-truth reward (data.task)")
     task = get_task(cfg.data.task)

@@ -58,7 +58,9 @@ class PolicyWorker(RankEnv):
 
     # ------------------------------------------------------------------ setup
 
-    def setup(self, model_dir: str, data_path: str, ref_logps_path: str | None = None) -> dict:
+    def setup(self, model_dir: str, data_path: str, ref_cache=None, ref_actors: list | None = None) -> dict:
+        """Build the engine and open the data. The reference comes as a filled RefCache (read
+        once, whole: a few bytes per row) or as ReferenceWorker handles asked per micro-batch."""
         import deepspeed
         from transformers import AutoModelForCausalLM
         from transformers.integrations import HfDeepSpeedConfig
@@ -86,7 +88,9 @@ class PolicyWorker(RankEnv):
         # Every rank probes together: under ZeRO-3 a forward is a collective.
         self.packing = resolve_packing(self.engine.module, cfg.data.packing)
         self.data = TokenizedData.open(data_path)
-        self.ref_logps = None if ref_logps_path is None else _load_ref_logps(ref_logps_path)
+        self.ref_logps = ref_cache.read() if ref_cache is not None else None
+        # Spread live requests over the replicas; each rank always asks the same one.
+        self.ref_actor = ref_actors[self.rank % len(ref_actors)] if ref_actors else None
         self.plan = StepPlan(
             num_rows=self.data.num_rows, micro_batch_size=cfg.train.micro_batch_size,
             grad_accum=cfg.train.gradient_accumulation_steps, world_size=self.world_size,
@@ -104,10 +108,12 @@ class PolicyWorker(RankEnv):
         start = time.perf_counter()
         parts: list[dict[str, float]] = []
         tokens = 0
-        for micro in range(self.plan.grad_accum):
-            indices = self.plan.rows(step, micro, self.rank)
-            loss, metrics, n_tokens = micro_batch_loss(self.engine, self.data, indices, self.cfg, self.ref_logps,
-                                                       self.packing)
+        micro_rows = [self.plan.rows(step, micro, self.rank) for micro in range(self.plan.grad_accum)]
+        # Live reference: ask for every micro-batch now, so the reference computes while we do.
+        live = [self.ref_actor.logps.remote(rows) for rows in micro_rows] if self.ref_actor else None
+        for micro, indices in enumerate(micro_rows):
+            loss, metrics, n_tokens = micro_batch_loss(self.engine, self.data, indices, self.cfg,
+                                                       self._reference(indices, live, micro), self.packing)
             # DeepSpeed divides by gradient_accumulation_steps and averages over ranks, so a
             # per-micro-batch mean here gives the mean over the whole global batch.
             self.engine.backward(loss)
@@ -119,6 +125,15 @@ class PolicyWorker(RankEnv):
         out["step_seconds"] = time.perf_counter() - start
         out["lr"] = self.scheduler.get_last_lr()[0]
         return out
+
+    def _reference(self, indices: list[int], live: list | None, micro: int) -> dict[str, np.ndarray] | None:
+        import ray
+
+        if live is not None:
+            return ray.get(live[micro])
+        if self.ref_logps is not None:
+            return {role: values[indices] for role, values in self.ref_logps.items()}
+        return None
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -146,11 +161,3 @@ class PolicyWorker(RankEnv):
         if self.rank == 0:
             self.engine.module.save_pretrained(out_dir, state_dict=state_dict)
             AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out_dir)
-
-
-def _load_ref_logps(path: str) -> dict[str, np.ndarray]:
-    """{role: fp32 log-probs indexed by data row} from the controller's Parquet file."""
-    import pyarrow.parquet as pq
-
-    table = pq.read_table(path)
-    return {name: table[name].to_numpy() for name in table.column_names}

@@ -78,21 +78,18 @@ class ReferenceServer:
                        for _ in range(cfg.ref.num_replicas)]
         ray.get([a.ready.remote() for a in self.actors])
 
-    def fill(self, cache, progress=None, task=None) -> int:
+    def fill(self, cache, on_shard=None) -> int:
         """Compute every missing shard of `cache`; returns the rows computed. Shards are written
         one at a time as they finish, so a killed precompute keeps what it has done."""
         from ray.util import ActorPool
 
         missing = cache.missing_shards()
-        pool = ActorPool(self.actors)
-        done = 0
-        for shard, values in zip(missing, pool.map(lambda a, s: a.logps.remote(list(range(s.start, s.stop))),
-                                                   missing), strict=True):
+        answers = ActorPool(self.actors).map(lambda a, s: a.logps.remote(list(range(s.start, s.stop))), missing)
+        for shard, values in zip(missing, answers, strict=True):
             cache.write_shard(shard, values)
-            done += shard.stop - shard.start
-            if progress is not None:
-                progress.advance(task, shard.stop - shard.start)
-        return done
+            if on_shard is not None:
+                on_shard(shard.num_rows)
+        return sum(s.num_rows for s in missing)
 
     def shutdown(self) -> None:
         import ray
