@@ -8,9 +8,12 @@ CPU threads for everyone. Two data shapes: fixed-length pairs, and ragged pairs 
 prompt and completion lengths vary widely, as in real preference data. The unit is real
 (non-padding) tokens per second: prompt + chosen + prompt + rejected tokens, counted once
 with the project's tokenizer, divided by the wall time of one epoch of optimizer steps.
+Every system runs two epochs and only the second is timed, so that kernel selection,
+allocator growth and process start-up are not counted for anyone.
 
 - floor:   plain PyTorch, one padding-free forward + backward + AdamW step per batch on the
-           policy only (no reference model, no loss bookkeeping): what the hardware gives.
+           policy only (sequences packed into rows of at most max_length tokens, no reference
+           model, no loss bookkeeping): what the hardware gives.
 - TRL:     DPOTrainer with a live reference model (its default), and with
            precompute_ref_log_probs=True.
 - prefopt: `prefopt.algorithms.offline.train` on one worker (Ray actor + DeepSpeed ZeRO-3),
@@ -86,29 +89,33 @@ def real_tokens(tokenizer, pairs: list[dict]) -> int:
 # ----------------------------------------------------------------------------- floor
 
 
-def bench_floor(model_dir: Path, tokenizer, pairs: list[dict], batch: int, lr: float) -> float:
-    """Seconds for one epoch of padding-free forward+backward+AdamW over the pairs."""
+def bench_floor(model_dir: Path, tokenizer, pairs: list[dict], batch: int, lr: float, max_length: int) -> float:
+    """Seconds for one epoch of padding-free forward+backward+AdamW over the pairs: sequences
+    packed into rows of at most max_length tokens (no padding waste, no cross-sequence
+    attention cost), plain next-token cross-entropy on the completions, nothing else."""
     from transformers import AutoModelForCausalLM
+
+    from prefopt.data.collate import pack
 
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     model.config.use_cache = False
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     batches = []
     for s in range(0, len(pairs), batch):
-        seqs = []
+        prompts, completions = [], []
         for pair in pairs[s : s + batch]:
             for key in ("chosen", "rejected"):
-                seqs.append(tokenizer(pair["prompt"] + pair[key]).input_ids + [tokenizer.eos_token_id])
-        ids = torch.tensor([[t for seq in seqs for t in seq]])
-        pos = torch.tensor([[i for seq in seqs for i in range(len(seq))]])
-        batches.append((ids, pos))
-    start = time.perf_counter()
-    for ids, pos in batches:
-        logits = model(input_ids=ids, position_ids=pos).logits
-        loss = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:])
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+                prompts.append(tokenizer(pair["prompt"]).input_ids)
+                completions.append(tokenizer(pair[key], add_special_tokens=False).input_ids + [tokenizer.eos_token_id])
+        batches.append(pack(prompts, completions, row_tokens=max_length, pad_token_id=tokenizer.pad_token_id))
+    for _epoch in range(2):  # the first epoch warms up kernels and allocators; the second is timed
+        start = time.perf_counter()
+        for b in batches:
+            logits = model(input_ids=b["input_ids"], position_ids=b["position_ids"], use_cache=False).logits
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), b["labels"].flatten())  # -100 ignored
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
     return time.perf_counter() - start
 
 
@@ -122,18 +129,21 @@ def bench_trl(model_dir: Path, tokenizer, pairs: list[dict], batch: int, lr: flo
     from transformers import AutoModelForCausalLM, TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
-    class Clock(TrainerCallback):
+    first_epoch_start: list[float] = []
+
+    class Clock(TrainerCallback):  # times the second epoch: the first warms up
         start = end = 0.0
 
-        def on_train_begin(self, args, state, control, **kw):
+        def on_epoch_begin(self, args, state, control, **kw):
             Clock.start = time.perf_counter()
+            first_epoch_start.append(Clock.start)
 
-        def on_train_end(self, args, state, control, **kw):
+        def on_epoch_end(self, args, state, control, **kw):
             Clock.end = time.perf_counter()
 
     args = DPOConfig(
         output_dir=str(workdir / f"trl-{precompute}"), per_device_train_batch_size=batch, learning_rate=lr,
-        num_train_epochs=1, max_length=max_length, precompute_ref_log_probs=precompute,
+        num_train_epochs=2, max_length=max_length, precompute_ref_log_probs=precompute,
         precompute_ref_batch_size=batch, use_cpu=True, report_to="none", save_strategy="no",
         logging_steps=10**6, dataloader_num_workers=0, padding_free=False, disable_tqdm=True, seed=0,
         lr_scheduler_type="constant", warmup_steps=0,
@@ -141,39 +151,39 @@ def bench_trl(model_dir: Path, tokenizer, pairs: list[dict], batch: int, lr: flo
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(pairs),
                          processing_class=tokenizer, callbacks=[Clock()])
-    begin = time.perf_counter()
+    precompute_start = time.perf_counter()
     trainer.train()
-    # With precompute, TRL computes the reference log-probs inside train(), before step 1.
-    total = time.perf_counter() - begin
-    train_seconds = Clock.end - Clock.start
-    return train_seconds, max(0.0, total - train_seconds) if precompute else 0.0
+    # With precompute, TRL computes the reference log-probs inside train(), before epoch 1;
+    # the precompute time is what passes before the first epoch begins (approximately).
+    return Clock.end - Clock.start, 0.0 if not precompute else max(0.0, first_epoch_start[0] - precompute_start)
 
 
 # ----------------------------------------------------------------------------- prefopt
 
 
 def bench_prefopt(model_dir: Path, pairs: list[dict], batch: int, lr: float, max_length: int,
-                  threads: int, workdir: Path, shape: str) -> tuple[float, float]:
-    """(train seconds, reference precompute seconds) for one epoch on one prefopt worker."""
+                  threads: int, workdir: Path, shape: str, ref_mode: str = "cache", workers: int = 1,
+                  steps: int | None = None):
+    """-> (train seconds, reference seconds, parameter bytes per rank) for one epoch of prefopt."""
     from prefopt.algorithms.offline import train
 
     data_file = workdir / f"{shape}.jsonl"
     data_file.write_text("".join(json.dumps(p) + "\n" for p in pairs))
-    out = workdir / f"prefopt-{shape}"
+    out = workdir / f"prefopt-{shape}-{ref_mode}-{workers}"
     cfg = load_config(ROOT / "configs/tiny/dpo.yaml", [
         f"model.path={model_dir}", f"data.path={data_file}", "data.task=null", f"output_dir={out}",
         f"data.max_length={max_length}", f"data.max_prompt_length={max_length - 16}",
-        f"train.micro_batch_size={batch}", f"train.max_steps={len(pairs) // batch}", f"train.lr={lr}",
-        f"train.save_steps={10**6}", f"cluster.cpus_per_worker={threads}", "data.packing=true",
+        f"train.micro_batch_size={batch // workers}", f"train.max_steps={steps or 2 * (len(pairs) // batch)}",
+        f"train.lr={lr}", f"train.save_steps={10**6}", f"cluster.cpus_per_worker={threads}",
+        f"cluster.num_workers={workers}", "data.packing=true", f"ref.mode={ref_mode}",
+        f"ref.cache_dir={workdir / 'refcache'}",
     ])
-    begin = time.perf_counter()
-    train(cfg, Console(file=io.StringIO()), resume=False)
-    total = time.perf_counter() - begin
-    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    train_seconds = sum(m["tokens"] / m["tokens_per_second"] for m in steps)
-    ref_file = next(out.glob("ref-logps-*.parquet"))
-    precompute = ref_file.stat().st_mtime - begin  # finished before the policy workers started
-    return train_seconds, min(precompute, total)
+    result = train(cfg, Console(file=io.StringIO()), resume=False)
+    steps_logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    # Two epochs were run; the second is timed (the first warms up the worker process).
+    timed = steps_logged[len(steps_logged) // 2 :] if steps is None else steps_logged
+    train_seconds = sum(m["tokens"] / m["tokens_per_second"] for m in timed)
+    return train_seconds, result.timings.get("reference_seconds", 0.0), result.param_bytes
 
 
 def main() -> None:
@@ -205,7 +215,7 @@ def main() -> None:
         tokens = real_tokens(tokenizer, pairs)
         row = {"tokens": tokens}
         with console.status(f"{shape}: bare PyTorch floor"):
-            row["floor"] = tokens / bench_floor(model_dir, tokenizer, pairs, args.batch, lr)
+            row["floor"] = tokens / bench_floor(model_dir, tokenizer, pairs, args.batch, lr, max_length)
         if not args.skip_trl:
             with console.status(f"{shape}: TRL, live reference"):
                 row["trl_live"] = tokens / bench_trl(model_dir, tokenizer, pairs, args.batch, lr, False,
@@ -215,24 +225,49 @@ def main() -> None:
                                                              max_length, workdir)
                 row["trl_cached"] = tokens / seconds
         with console.status(f"{shape}: prefopt, one worker, reference cache"):
-            seconds, row["prefopt_precompute_s"] = bench_prefopt(model_dir, pairs, args.batch, lr, max_length,
-                                                                 args.threads, workdir, shape)
+            seconds, row["prefopt_precompute_s"], _ = bench_prefopt(model_dir, pairs, args.batch, lr, max_length,
+                                                                    args.threads, workdir, shape)
             row["prefopt"] = tokens / seconds
+        with console.status(f"{shape}: prefopt, one worker, live reference server"):
+            seconds, _, _ = bench_prefopt(model_dir, pairs, args.batch, lr, max_length, args.threads, workdir,
+                                          shape, ref_mode="live")
+            row["prefopt_live"] = tokens / seconds
         results[shape] = row
+
+    # ZeRO-3 memory: parameter bytes each rank holds with 1 and with 2 ranks (2 steps suffice).
+    zero3 = {}
+    with console.status("parameter bytes per rank under ZeRO-3, 1 and 2 ranks"):
+        pairs = make_pairs(tokenizer, "fixed", 8)
+        for workers in (1, 2):
+            _, _, zero3[workers] = bench_prefopt(model_dir, pairs, 4, lr, 160, 1, workdir, "zero3",
+                                                 workers=workers, steps=1)
 
     table = Table(title=f"DPO throughput, real tokens/s ({args.layers}x{args.width} Llama, {args.pairs} pairs, "
                         f"batch {args.batch}, {args.threads} threads)")
-    for col in ("shape", "floor", "TRL live", "TRL cached", "prefopt", "prefopt/floor", "prefopt/TRL live",
-                "prefopt/TRL cached", "TRL live/floor", "TRL cached/floor"):
-        table.add_column(col, justify="right")
+    table.add_column("system")
+    for shape in results:
+        table.add_column(f"{shape} tok/s", justify="right")
+        table.add_column(f"{shape} / floor", justify="right")
+    systems = [("bare PyTorch floor", "floor"), ("TRL, live reference", "trl_live"),
+               ("TRL, precomputed reference", "trl_cached"), ("prefopt, live reference server", "prefopt_live"),
+               ("prefopt, reference cache", "prefopt")]
+    for label, key in systems:
+        cells = []
+        for r in results.values():
+            value = r.get(key, float("nan"))
+            cells += [f"{value:.0f}", f"{value / r['floor']:.2f}"]
+        table.add_row(label, *cells)
+    console.print(table)
     for shape, r in results.items():
         trl_live, trl_cached = r.get("trl_live", float("nan")), r.get("trl_cached", float("nan"))
-        table.add_row(shape, f"{r['floor']:.0f}", f"{trl_live:.0f}", f"{trl_cached:.0f}", f"{r['prefopt']:.0f}",
-                      f"{r['prefopt'] / r['floor']:.2f}", f"{r['prefopt'] / trl_live:.2f}",
-                      f"{r['prefopt'] / trl_cached:.2f}", f"{trl_live / r['floor']:.2f}",
-                      f"{trl_cached / r['floor']:.2f}")
-    console.print(table)
-    print(json.dumps({"results": results, "argv": sys.argv[1:]}, indent=1))
+        console.print(f"{shape}: prefopt (cache) / TRL live = {r['prefopt'] / trl_live:.2f}, "
+                      f"/ TRL precomputed = {r['prefopt'] / trl_cached:.2f}; prefopt cache / live = "
+                      f"{r['prefopt'] / r['prefopt_live']:.2f}; one-time reference precompute: prefopt "
+                      f"{r['prefopt_precompute_s']:.1f} s (incl. actor start), TRL {r.get('trl_precompute_s', 0):.1f} s")
+    whole = zero3[1][0]
+    console.print(f"ZeRO-3 parameter bytes per rank: 1 rank {zero3[1][0] / 2**20:.2f} MiB; 2 ranks "
+                  + ", ".join(f"{b / 2**20:.2f} MiB ({b / whole:.2f})" for b in zero3[2]))
+    print(json.dumps({"results": results, "zero3_param_bytes": zero3, "argv": sys.argv[1:]}, indent=1))
 
 
 if __name__ == "__main__":

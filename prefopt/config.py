@@ -141,7 +141,9 @@ class RefConfig(Section):
     )
     cache_dir: str | None = Field(None, description="local path or s3://, gs://; default under output_dir")
     num_replicas: int = Field(1, ge=1)
-    offload: bool = Field(True, description="ZeRO-3 inference with parameters offloaded to CPU")
+    offload: bool = Field(
+        False, description="serve the reference with DeepSpeed ZeRO-3 inference, parameters in CPU memory "
+        "(for a reference larger than the GPU beside the policy; no gain on CPU-only machines)")
 
 
 class ClusterConfig(Section):

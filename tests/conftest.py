@@ -46,6 +46,6 @@ def ray_local():
     from prefopt.cluster.ray_setup import connect
     from prefopt.config import ClusterConfig
 
-    connect(ClusterConfig(num_workers=2))
+    connect(ClusterConfig(num_workers=2), reference_replicas=1)
     yield ray
     ray.shutdown()

@@ -7,14 +7,14 @@ Worker side (runs inside each PolicyWorker / ReferenceWorker):
 Controller side (the driver):
     train(cfg)               data -> reference log-probs -> policy group -> steps -> export
 
-The controller ships step numbers, never tensors: every worker opens the tokenized data and
-the reference log-probs from their paths and reads its own rows (prefopt.cluster.sharding).
+The controller ships step numbers, never tensors: every worker opens the tokenized data from
+its path and reads its own rows (prefopt.cluster.sharding), with their reference log-probs from
+the RefCache (ref.mode=cache) or from the reference server (ref.mode=live).
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 import time
 from dataclasses import dataclass
@@ -25,10 +25,10 @@ import torch
 
 from prefopt.config import RunConfig
 
-log = logging.getLogger("prefopt.train")
-
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
+# The sequences of one example, in batch order (prefopt.data.collate); also the RefCache columns.
+ROLES = {"pair": ("chosen", "rejected"), "unpaired": ("completion", "kl")}
 
 
 # =============================================================================== worker side
@@ -41,13 +41,15 @@ def forward_logps(model, data, indices: list[int], packing: bool) -> tuple[dict,
     from prefopt.models.logprobs.resolve_packing for this model.
     """
     from prefopt.data import collate
+    from prefopt.models import accelerator_device
     from prefopt.models.logprobs import sequence_logps
 
     rows = data.rows(indices)
     batch = collate(rows, pad_token_id=data.pad_token_id, packing=packing, max_length=data.max_length)
+    batch = {k: v.to(accelerator_device(), non_blocking=True) for k, v in batch.items()}
     logps, lengths = sequence_logps(model, batch)  # [2B], [2B]
     b = len(rows)
-    first, second = ("chosen", "rejected") if data.kind == "pair" else ("completion", "kl")
+    first, second = ROLES[data.kind]
     extra = {"desirable": batch["desirable"]} if "desirable" in batch else {}
     return ({first: logps[:b], second: logps[b:]},
             {first: lengths[:b], second: lengths[b:], "tokens": int(batch["seq_index"].ge(0).sum()), **extra})
@@ -70,14 +72,13 @@ def micro_batch_loss(model, data, indices: list[int], cfg: RunConfig, ref: dict[
 
     name = cfg.algorithm.name
     logps, info = forward_logps(model, data, indices, packing)
-    ref_of = (lambda role: torch.as_tensor(ref[role])) if ref is not None else (lambda role: None)
+    ref_of = (lambda role: torch.tensor(ref[role])) if ref is not None else (lambda role: None)  # a copy: live answers are read-only
     if name == "sft":
         # Mean token NLL of each chosen completion, averaged over examples: per-example means
         # keep the loss independent of how examples are split across ranks and micro-batches.
-        role = "chosen" if "chosen" in logps else "completion"
-        per_example = -logps[role] / info[role].clamp(min=1)
+        per_example = -logps["chosen"] / info["chosen"].clamp(min=1)
         loss = per_example.mean()
-        metrics = {"loss": loss.item(), f"logps/{role}": logps[role].mean().item()}
+        metrics = {"loss": loss.item(), "logps/chosen": logps["chosen"].mean().item()}
     elif name == "kto":
         params = resolve_params(name, **cfg.algorithm.loss_params())
         out = unpaired_loss(name, policy_logps=logps["completion"], ref_logps=ref_of("completion"),
@@ -181,8 +182,11 @@ def train(cfg: RunConfig, console, *, resume: bool | None = None) -> TrainResult
 
     if cfg.algorithm.name == "kto":
         _warn_kto_balance(cfg, data, console)
+    elif data.kind != "pair":
+        raise ValueError(f"algorithm.name={cfg.algorithm.name} trains on preference pairs; the data is "
+                         f"{data.format} (use data.format: unpaired with algorithm.name: kto)")
 
-    connect(cfg.cluster)
+    connect(cfg.cluster, reference_replicas=cfg.ref.num_replicas)
     # The reference, for losses that need one: a filled cache (the default), or a server that
     # answers per micro-batch (ref.mode=live). Either way it never lives on a policy rank.
     ref_cache, ref_server, tags = None, None, {TAG_DATA_FINGERPRINT: data.fingerprint}
@@ -207,7 +211,9 @@ def train(cfg: RunConfig, console, *, resume: bool | None = None) -> TrainResult
             infos = group.call("setup", model_dir=str(model_dir), data_path=str(data.path), ref_cache=ref_cache,
                                ref_actors=ref_server.actors if ref_server else None)
             timings["startup_seconds"] = time.perf_counter() - t0
-            console.print(f"policy: {group.size} rank(s), ZeRO stage {cfg.deepspeed.zero_stage}, "
+            stage = infos[0]["zero_stage"]
+            asked = "" if stage == cfg.deepspeed.zero_stage else f" ({cfg.deepspeed.zero_stage} asked: one rank has nothing to partition)"
+            console.print(f"policy: {group.size} rank(s), ZeRO stage {stage}{asked}, "
                           f"{infos[0]['param_bytes'] / 2**20:.2f} MiB of parameters on rank 0")
             start_step = 0
             if checkpoint is not None:

@@ -20,10 +20,6 @@ def cache_root(cfg: RunConfig) -> str:
     return str(Path(cfg.output_dir).expanduser().resolve().parent / "refcache")
 
 
-def roles(data) -> list[str]:
-    return ["chosen", "rejected"] if data.kind == "pair" else ["completion", "kl"]
-
-
 def cache_parts(cfg: RunConfig, model_dir: Path, tokenizer, data) -> dict[str, str]:
     """What the cached values depend on, part by part (see prefopt.refcache)."""
     from prefopt.data.fingerprint import tokenizer_fingerprint
@@ -34,12 +30,14 @@ def cache_parts(cfg: RunConfig, model_dir: Path, tokenizer, data) -> dict[str, s
 
 
 def open_cache(cfg: RunConfig, model_dir: Path, tokenizer, data, parts: dict[str, str] | None = None):
+    from prefopt.algorithms.offline import ROLES
     from prefopt.refcache import RefCache
 
     parts = parts or cache_parts(cfg, model_dir, tokenizer, data)
     # Shards small enough that every replica gets several and a killed run loses little.
     shard_rows = max(cfg.train.micro_batch_size, min(4096, -(-data.num_rows // (4 * cfg.ref.num_replicas))))
-    return RefCache.open(cache_root(cfg), parts, num_rows=data.num_rows, roles=roles(data), shard_rows=shard_rows)
+    return RefCache.open(cache_root(cfg), parts, num_rows=data.num_rows, roles=list(ROLES[data.kind]),
+                         shard_rows=shard_rows)
 
 
 def precompute(cfg: RunConfig, model_dir: Path, tokenizer, data, console):
@@ -99,6 +97,6 @@ def run(cfg: RunConfig, console) -> None:
         model_dir = ensure_model(cfg.model, output_dir)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         data = prepare(cfg, tokenizer, output_dir / "data")
-    connect(cfg.cluster)
+    connect(cfg.cluster, reference_replicas=cfg.ref.num_replicas)
     cache = precompute(cfg, model_dir, tokenizer, data, console)
     console.print(f"reference cache complete: {cache.uri} ({data.num_rows} rows, roles {', '.join(cache.roles)})")

@@ -10,7 +10,7 @@ from prefopt.config import ClusterConfig
 WORKER_ENV = ("DS_ACCELERATOR", "TOKENIZERS_PARALLELISM", "HF_HUB_OFFLINE", "OMP_NUM_THREADS")
 
 
-def connect(cluster: ClusterConfig) -> None:
+def connect(cluster: ClusterConfig, reference_replicas: int = 0) -> None:
     import ray
 
     if ray.is_initialized():
@@ -23,7 +23,7 @@ def connect(cluster: ClusterConfig) -> None:
     kwargs: dict = {"runtime_env": {"env_vars": env}, "log_to_driver": True}
     if cluster.address is None:
         # A local instance sized for the job even on a 1-core laptop: CPU "slots" are logical.
-        need = cluster.num_workers * cluster.cpus_per_worker + 1
+        need = (cluster.num_workers + reference_replicas) * cluster.cpus_per_worker + 1
         kwargs.update(num_cpus=max(os.cpu_count() or 1, int(need + 0.999)))
     else:
         kwargs["address"] = cluster.address

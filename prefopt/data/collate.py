@@ -9,7 +9,8 @@ Sequence order (N sequences, B rows):
             each example the completion of the next row of the data set, (index + 1) mod N).
 - prompts:  left-padded prompts for generation (packing does not apply).
 
-Keys (R rows of T tokens: R = N, padded; R = 1, packed):
+Keys (R rows of T tokens: R = N, padded; packed, R rows of at most max(max_length, longest)
+tokens, see `pack`):
     input_ids       [R, T] long
     position_ids    [R, T] long   0.. within each sequence (reset at each packed boundary)
     attention_mask  [R, T] long   1 = token, 0 = padding. Absent when packed: the model then
@@ -62,13 +63,17 @@ def collate(rows: Sequence[dict], *, pad_token_id: int, packing: bool,
             max_length: int | None = None) -> dict[str, torch.Tensor]:
     """One batch for TokenizedData rows of any kind (see the module docstring for the layout).
 
-    max_length: cut KTO's mismatched KL sequences to it (real ones already fit).
+    max_length: cut KTO's mismatched KL sequences to it (real ones already fit), and the
+    capacity of a packed row.
     """
     kind = _kind(rows)
     if kind == "prompt":
         return collate_prompts(rows, pad_token_id=pad_token_id)
     prompts, completions = _sequences(rows, max_length)
-    batch = pack(prompts, completions) if packing else pad(prompts, completions, pad_token_id)
+    if packing:
+        batch = pack(prompts, completions, row_tokens=max_length, pad_token_id=pad_token_id)
+    else:
+        batch = pad(prompts, completions, pad_token_id)
     batch["example_index"] = torch.tensor([r.get("index", -1) for r in rows], dtype=torch.long)
     if kind == "unpaired":
         batch["desirable"] = torch.tensor([bool(r["label"]) for r in rows], dtype=torch.bool)
@@ -106,22 +111,49 @@ def pad(prompts: list[list[int]], completions: list[list[int]], pad_token_id: in
     }
 
 
-def pack(prompts: list[list[int]], completions: list[list[int]]) -> dict[str, torch.Tensor]:
-    """All sequences concatenated into one [1, S] row, positions restarting at 0 for each."""
-    ids, pos, labels, seq = [], [], [], []
-    for i, (p, c) in enumerate(zip(prompts, completions, strict=True)):
-        ids += p + c
-        pos += range(len(p) + len(c))
-        # The last token of a sequence predicts nothing: the next token belongs to another one.
-        labels += _targets(p, c)
-        seq += [i] * (len(p) + len(c))
-    labels_t = torch.tensor([labels], dtype=torch.long)
+def pack(prompts: list[list[int]], completions: list[list[int]], *, row_tokens: int | None = None,
+         pad_token_id: int = 0) -> dict[str, torch.Tensor]:
+    """Sequences concatenated into rows [R, S], positions restarting at 0 for each sequence.
+
+    row_tokens=None: one row. Otherwise rows of at most max(row_tokens, longest sequence)
+    tokens, filled first-fit in decreasing length. Why bounded rows: a packed row is one
+    attention problem, and outside flash-attention's varlen kernels (CPU, sdpa) its mask is
+    dense, so attention costs S^2 for the row instead of the sum of L^2 over its sequences.
+    The end of a short row is padding, laid out as one more "sequence" (positions from 0,
+    seq_index -1, no labels), so no real token attends to it.
+    """
+    seqs = [(p + c, _targets(p, c)) for p, c in zip(prompts, completions, strict=True)]
+    capacity = max([len(ids) for ids, _ in seqs] + [row_tokens or sum(len(ids) for ids, _ in seqs)])
+    rows: list[list[int]] = []  # sequence numbers per row
+    free: list[int] = []
+    for i in sorted(range(len(seqs)), key=lambda i: -len(seqs[i][0])):
+        fit = next((r for r, room in enumerate(free) if room >= len(seqs[i][0])), None)
+        if fit is None:
+            rows.append([])
+            free.append(capacity)
+            fit = len(rows) - 1
+        rows[fit].append(i)
+        free[fit] -= len(seqs[i][0])
+    width = capacity - min(free)
+    ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    seq = torch.full((len(rows), width), -1, dtype=torch.long)
+    pos = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, members in enumerate(rows):
+        at = 0
+        for i in sorted(members):  # sequence order within a row keeps one-row packing in batch order
+            tokens, targets = seqs[i]
+            n = len(tokens)
+            ids[r, at : at + n] = torch.tensor(tokens)
+            # The last token of a sequence predicts nothing: the next token belongs to another one.
+            labels[r, at : at + n] = torch.tensor(targets)
+            seq[r, at : at + n] = i
+            pos[r, at : at + n] = torch.arange(n)
+            at += n
+        pos[r, at:] = torch.arange(width - at)
     return {
-        "input_ids": torch.tensor([ids], dtype=torch.long),
-        "position_ids": torch.tensor([pos], dtype=torch.long),
-        "labels": labels_t, "loss_mask": labels_t != IGNORE,
-        "seq_index": torch.tensor([seq], dtype=torch.long),
-        "lengths": torch.tensor([len(c) for c in completions], dtype=torch.long),
+        "input_ids": ids, "position_ids": pos, "labels": labels, "loss_mask": labels != IGNORE,
+        "seq_index": seq, "lengths": torch.tensor([len(c) for c in completions], dtype=torch.long),
     }
 
 

@@ -11,3 +11,11 @@ def quiet_transformers() -> None:
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
+
+
+def accelerator_device():
+    """Where a worker's tensors go: the GPU Ray gave this actor (it sees it as cuda:0), else CPU.
+    Under ZeRO-3 a parameter's own .device says nothing (partitions and placeholders)."""
+    import torch
+
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")

@@ -74,7 +74,8 @@ class PolicyWorker(RankEnv):
         dtype = DTYPES[cfg.model.dtype]
         # While this object lives, from_pretrained builds the model under deepspeed.zero.Init,
         # so with ZeRO-3 no rank ever materialises the full model.
-        self._hf_ds_config = HfDeepSpeedConfig(ds_config) if cfg.deepspeed.zero_stage == 3 else None
+        self.zero_stage = ds_config["zero_optimization"]["stage"]
+        self._hf_ds_config = HfDeepSpeedConfig(ds_config) if self.zero_stage == 3 else None
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
         model.config.use_cache = False
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, betas=cfg.train.adam_betas,
@@ -96,7 +97,8 @@ class PolicyWorker(RankEnv):
             grad_accum=cfg.train.gradient_accumulation_steps, world_size=self.world_size,
             seed=cfg.data.seed,
         )
-        return {"rank": self.rank, "param_bytes": _param_bytes(self.engine.module), "packing": self.packing}
+        return {"rank": self.rank, "param_bytes": _param_bytes(self.engine.module), "packing": self.packing,
+                "zero_stage": self.zero_stage}
 
     # ------------------------------------------------------------------ training
 
@@ -154,7 +156,7 @@ class PolicyWorker(RankEnv):
         """Save the policy as a plain Hugging Face directory (ZeRO-3 shards gathered on rank 0)."""
         from transformers import AutoTokenizer
 
-        if self.cfg.deepspeed.zero_stage == 3:
+        if self.zero_stage == 3:
             state_dict = self.engine._zero3_consolidated_16bit_state_dict()  # every rank must call
         else:
             state_dict = self.engine.module.state_dict()

@@ -121,3 +121,15 @@ def test_killed_precompute_resumes_to_the_same_cache(tmp_path, tiny_model_dir, t
     resumed = precompute(killed_cfg, tiny_model_dir, tiny_tokenizer, data, quiet()).read()
     for role in ("chosen", "rejected"):
         np.testing.assert_array_equal(resumed[role], straight[role])
+
+
+def test_offloaded_reference_gives_the_same_cache(tmp_path, tiny_model_dir, tiny_tokenizer, ray_local):
+    """ref.offload serves the reference with DeepSpeed ZeRO-3 inference (parameters in CPU memory);
+    the log-probs must not change."""
+    plain_cfg = config(tmp_path / "plain", tiny_model_dir)
+    plain = precompute(plain_cfg, tiny_model_dir, tiny_tokenizer, prepared(plain_cfg, tiny_tokenizer), quiet()).read()
+    offload_cfg = config(tmp_path / "offload", tiny_model_dir, "ref.offload=true")
+    offloaded = precompute(offload_cfg, tiny_model_dir, tiny_tokenizer, prepared(offload_cfg, tiny_tokenizer),
+                           quiet()).read()
+    for role in ("chosen", "rejected"):
+        np.testing.assert_allclose(offloaded[role], plain[role], rtol=1e-5, atol=1e-4)

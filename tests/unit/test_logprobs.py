@@ -11,6 +11,7 @@ from prefopt.data import collate
 from prefopt.data.collate import pack, pad
 from prefopt.models import logprobs
 from prefopt.models.logprobs import (
+    forward_logits,
     logps_from_logits,
     packing_supported,
     resolve_packing,
@@ -209,7 +210,7 @@ def test_unpaired_batch_pairs_each_prompt_with_its_kl_partner():
     cut = collate(long, pad_token_id=0, packing=True, max_length=6)
     # Real: 2, 2, 2. KL pair 0 is 4 prompt tokens + the first 2 of its partner's 4 tokens.
     assert cut["lengths"].tolist() == [2, 2, 2, 2, 2, 2]
-    assert cut["input_ids"][0, 14:20].tolist() == [1, 3, 3, 3, 5, 5]  # after 6 + 4 + 4 real tokens
+    assert cut["input_ids"][cut["seq_index"] == 3].tolist() == [1, 3, 3, 3, 5, 5]
     single = collate(rows[:1], pad_token_id=0, packing=True)  # one example is enough now
     assert single["lengths"].tolist() == [2, 2]
 
@@ -239,4 +240,27 @@ def test_packed_equals_padded_on_the_built_in_task(tiny_model, tiny_tokenizer, t
         a, la = sequence_logps(tiny_model, collate(rows, pad_token_id=td.pad_token_id, packing=True))
         b, lb = sequence_logps(tiny_model, collate(rows, pad_token_id=td.pad_token_id, packing=False))
     assert a.shape == (16,) and torch.equal(la, lb)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_packing_into_bounded_rows_keeps_sequences_whole_and_logps_equal(tiny_model):
+    pairs = _pairs(6, seed=3)
+    prompts = [r["prompt_ids"] for r in pairs] * 2
+    completions = [r["chosen_ids"] for r in pairs] + [r["rejected_ids"] for r in pairs]
+    longest = max(len(p) + len(c) for p, c in zip(prompts, completions, strict=True))
+    binned = pack(prompts, completions, row_tokens=longest, pad_token_id=0)
+    assert binned["input_ids"].shape[1] == longest and binned["input_ids"].shape[0] > 1
+    for i, (p, c) in enumerate(zip(prompts, completions, strict=True)):
+        r, t = (binned["seq_index"] == i).nonzero(as_tuple=True)
+        assert r.unique().numel() == 1  # never split across rows
+        assert binned["input_ids"][r, t].tolist() == p + c
+        assert binned["position_ids"][r, t].tolist() == list(range(len(p) + len(c)))
+    # Row ends are padding with their own positions from 0 and no labels.
+    pad_tokens = binned["seq_index"] == -1
+    assert (binned["labels"][pad_tokens] == -100).all()
+    with torch.no_grad():
+        a, la = logps_from_logits(forward_logits(tiny_model, binned), binned)
+        one_row = pack(prompts, completions)
+        b, lb = logps_from_logits(forward_logits(tiny_model, one_row), one_row)
+    assert torch.equal(la, lb)
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
