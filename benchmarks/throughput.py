@@ -12,8 +12,9 @@ Every system runs two epochs and only the second is timed, so that kernel select
 allocator growth and process start-up are not counted for anyone.
 
 - floor:   plain PyTorch, one padding-free forward + backward + AdamW step per batch on the
-           policy only (sequences packed into rows of at most max_length tokens, no reference
-           model, no loss bookkeeping): what the hardware gives.
+           policy only (sequences packed into rows of at most max_length tokens, output layer
+           on completion positions only, no reference model, no loss bookkeeping): what the
+           hardware gives.
 - TRL:     DPOTrainer with a live reference model (its default), and with
            precompute_ref_log_probs=True.
 - prefopt: `prefopt.algorithms.offline.train` on one worker (Ray actor + DeepSpeed ZeRO-3),
@@ -92,7 +93,8 @@ def real_tokens(tokenizer, pairs: list[dict]) -> int:
 def bench_floor(model_dir: Path, tokenizer, pairs: list[dict], batch: int, lr: float, max_length: int) -> float:
     """Seconds for one epoch of padding-free forward+backward+AdamW over the pairs: sequences
     packed into rows of at most max_length tokens (no padding waste, no cross-sequence
-    attention cost), plain next-token cross-entropy on the completions, nothing else."""
+    attention cost), the output layer and a plain next-token cross-entropy on completion
+    positions only, nothing else."""
     from transformers import AutoModelForCausalLM
 
     from prefopt.data.collate import pack
@@ -111,8 +113,9 @@ def bench_floor(model_dir: Path, tokenizer, pairs: list[dict], batch: int, lr: f
     for _epoch in range(2):  # the first epoch warms up kernels and allocators; the second is timed
         start = time.perf_counter()
         for b in batches:
-            logits = model(input_ids=b["input_ids"], position_ids=b["position_ids"], use_cache=False).logits
-            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), b["labels"].flatten())  # -100 ignored
+            hidden = model.model(input_ids=b["input_ids"], position_ids=b["position_ids"]).last_hidden_state
+            logits = model.lm_head(hidden[b["loss_mask"]])  # output layer on completion positions only
+            loss = torch.nn.functional.cross_entropy(logits, b["labels"][b["loss_mask"]])
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)

@@ -27,6 +27,8 @@ from prefopt.config import RunConfig
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
+# Pack a micro-batch only when that removes at least this share of padded tokens (prefopt.data.collate).
+MIN_PACKING_GAIN = 0.1
 # The sequences of one example, in batch order (prefopt.data.collate); also the RefCache columns.
 ROLES = {"pair": ("chosen", "rejected"), "unpaired": ("completion", "kl")}
 
@@ -45,7 +47,8 @@ def forward_logps(model, data, indices: list[int], packing: bool) -> tuple[dict,
     from prefopt.models.logprobs import sequence_logps
 
     rows = data.rows(indices)
-    batch = collate(rows, pad_token_id=data.pad_token_id, packing=packing, max_length=data.max_length)
+    batch = collate(rows, pad_token_id=data.pad_token_id, packing=packing, max_length=data.max_length,
+                    min_packing_gain=MIN_PACKING_GAIN)
     batch = {k: v.to(accelerator_device(), non_blocking=True) for k, v in batch.items()}
     logps, lengths = sequence_logps(model, batch)  # [2B], [2B]
     b = len(rows)

@@ -60,8 +60,13 @@ def _kind(rows: Sequence[dict]) -> str:
 
 
 def collate(rows: Sequence[dict], *, pad_token_id: int, packing: bool,
-            max_length: int | None = None) -> dict[str, torch.Tensor]:
+            max_length: int | None = None, min_packing_gain: float = 0.0) -> dict[str, torch.Tensor]:
     """One batch for TokenizedData rows of any kind (see the module docstring for the layout).
+
+    min_packing_gain: pack only when padding would waste at least this fraction of the padded
+    batch. Packed rows need an explicit block mask, padded rows of equal length take the
+    attention kernel's causal fast path: measured on CPU, padding is 6-10% faster when there is
+    little padding to remove (fixed-length data), packing far faster on ragged data.
 
     max_length: cut KTO's mismatched KL sequences to it (real ones already fit), and the
     capacity of a packed row.
@@ -70,6 +75,9 @@ def collate(rows: Sequence[dict], *, pad_token_id: int, packing: bool,
     if kind == "prompt":
         return collate_prompts(rows, pad_token_id=pad_token_id)
     prompts, completions = _sequences(rows, max_length)
+    if packing and min_packing_gain > 0:
+        lengths = [len(p) + len(c) for p, c in zip(prompts, completions, strict=True)]
+        packing = 1 - sum(lengths) / (len(lengths) * max(lengths)) >= min_packing_gain
     if packing:
         batch = pack(prompts, completions, row_tokens=max_length, pad_token_id=pad_token_id)
     else:

@@ -84,14 +84,43 @@ def forward_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def logps_from_logits(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed completion log-probs [N] fp32 and completion lengths [N] long of each sequence."""
+    """Summed completion log-probs [N] fp32 and completion lengths [N] long of each sequence.
+
+    logits: [R, T, V] for the whole batch, or [K, V] at the loss_mask positions only
+    (completion_logits)."""
     mask = batch["loss_mask"]
-    token = selected_logps(logits, mask, batch["labels"])  # [K]
+    if logits.dim() == 2:  # already at the K completion positions, in mask order
+        token = selected_logps(logits[None], torch.ones(logits.shape[:1], dtype=torch.bool,
+                                                        device=logits.device)[None], batch["labels"][mask][None])
+    else:
+        token = selected_logps(logits, mask, batch["labels"])  # [K]
     seq = batch["seq_index"][mask]  # [K], sequence of each completion token
     n = batch["lengths"].shape[0]
     logps = torch.zeros(n, dtype=token.dtype, device=logits.device).index_add(0, seq, token)
     lengths = torch.bincount(seq, minlength=n)
     return logps, lengths
+
+
+def completion_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Logits [K, V] only where a completion token is predicted (the K loss_mask positions).
+
+    The output layer runs on K positions instead of R*T: prompt and padding positions cost no
+    vocabulary projection, forward or backward (with a 32k-256k vocabulary that is most of the
+    step's memory). Models whose logits are more than output_layer(hidden) (logit soft-capping)
+    take the full forward.
+    """
+    module = getattr(model, "module", model)  # a DeepSpeed engine wraps the Hugging Face model
+    decoder = module.get_decoder() if hasattr(module, "get_decoder") else None
+    head = module.get_output_embeddings() if hasattr(module, "get_output_embeddings") else None
+    if decoder is None or head is None or getattr(module.config, "final_logit_softcapping", None):
+        return forward_logits(model, batch)[batch["loss_mask"]]
+    hidden = decoder(
+        input_ids=batch["input_ids"],
+        attention_mask=batch.get("attention_mask"),
+        position_ids=batch["position_ids"],
+        use_cache=False,
+    ).last_hidden_state  # [R, T, H]
+    return head(hidden[batch["loss_mask"]])  # [K, V]
 
 
 def token_logps_from_logits(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -103,7 +132,7 @@ def token_logps_from_logits(logits: torch.Tensor, batch: dict[str, torch.Tensor]
 
 def sequence_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(logps [N] fp32, lengths [N]) for the N sequences of `batch` (order: prefopt.data.collate)."""
-    return logps_from_logits(forward_logits(model, batch), batch)
+    return logps_from_logits(completion_logits(model, batch), batch)
 
 
 def token_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -28,12 +28,14 @@ def reference_actors(ray) -> int:
 @pytest.mark.parametrize("name", ["dpo", "ipo", "kto", "simpo", "orpo", "sft"])
 def test_tiny_config_trains(name, tmp_path, tiny_model_dir, ray_local):
     cfg = load_config(ROOT / f"configs/tiny/{name}.yaml", [
-        f"model.path={tiny_model_dir}", "data.num_examples=48", "train.max_steps=3", f"output_dir={tmp_path}",
+        # output_dir one level down: the RefCache (beside output_dir) is this test's own, not a hit
+        # left by another config of the same data.
+        f"model.path={tiny_model_dir}", "data.num_examples=48", "train.max_steps=3", f"output_dir={tmp_path / 'run'}",
         "eval.num_prompts=4", "eval.max_new_tokens=4",
     ])
     before = reference_actors(ray_local)
     result = train(cfg, Console(file=io.StringIO()))
-    metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 3 and all(math.isfinite(m["loss"]) for m in metrics)
     if name in FIRST_LOSS:
         assert metrics[0]["loss"] == pytest.approx(FIRST_LOSS[name], abs=1e-4)

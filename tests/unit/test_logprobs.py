@@ -264,3 +264,30 @@ def test_packing_into_bounded_rows_keeps_sequences_whole_and_logps_equal(tiny_mo
         b, lb = logps_from_logits(forward_logits(tiny_model, one_row), one_row)
     assert torch.equal(la, lb)
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_completion_only_logits_give_the_full_forward_logps_and_gradients(tiny_model):
+    pairs = _pairs(5, seed=7)
+    batch = collate([{**r, "index": i} for i, r in enumerate(pairs)], pad_token_id=0, packing=True, max_length=64)
+    tiny_model.zero_grad(set_to_none=True)  # the fixture is shared: start from no gradients
+    full, full_lengths = logps_from_logits(forward_logits(tiny_model, batch), batch)
+    full.sum().backward()
+    full_grads = [p.grad.clone() for p in tiny_model.parameters()]
+    tiny_model.zero_grad()
+    lean, lean_lengths = sequence_logps(tiny_model, batch)  # output layer at completion positions only
+    lean.sum().backward()
+    assert torch.equal(full_lengths, lean_lengths)
+    torch.testing.assert_close(lean, full, atol=1e-5, rtol=1e-5)
+    for p, g in zip(tiny_model.parameters(), full_grads, strict=True):
+        torch.testing.assert_close(p.grad, g, atol=1e-5, rtol=1e-4)
+    tiny_model.zero_grad()
+
+
+def test_packing_is_skipped_when_it_would_remove_little_padding():
+    even = [{"index": i, "prompt_ids": [1, 5, 6], "chosen_ids": [7, 8, 2], "rejected_ids": [9, 9, 2]} for i in range(3)]
+    padded = collate(even, pad_token_id=0, packing=True, min_packing_gain=0.1)
+    assert "attention_mask" in padded and padded["input_ids"].shape == (6, 6)  # no padding to remove
+    ragged = [{**even[0], "chosen_ids": [7] * 20 + [2]}, *even[1:]]
+    packed = collate(ragged, pad_token_id=0, packing=True, min_packing_gain=0.1)
+    assert "attention_mask" not in packed  # padded would waste most of the batch
+    assert collate(even, pad_token_id=0, packing=True)["input_ids"].shape[0] == 1  # default: always pack
