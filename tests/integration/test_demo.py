@@ -17,8 +17,12 @@ def test_demo_trains_each_method_and_writes_the_comparison(tmp_path, tiny_model_
                                     f"output_dir={tmp_path / 'demo'}"])
     out = io.StringIO()
     run_demo(cfg, Console(file=out, width=200))
-    for method in DEMO_RUNS:
+    for method in ["sft", *DEMO_RUNS]:
         assert (tmp_path / "demo" / method / "model" / "config.json").is_file(), method
+    # Every compared method started from the SFT model, which is their reference.
+    for method in DEMO_RUNS:
+        cfg_text = (tmp_path / "demo" / method / "config.yaml").read_text()
+        assert str(tmp_path / "demo" / "sft" / "model") in cfg_text
     compare = tmp_path / "demo" / "compare"
     png = (compare / "frontier.png").read_bytes()
     assert png.startswith(b"\x89PNG")
