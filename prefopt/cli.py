@@ -87,15 +87,6 @@ def demo(
 DEMO_CONFIG = Path(__file__).parent / "demo.yaml"
 
 
-from prefopt.tracking.cli import register as register_tracking  # noqa: E402
-
-register_tracking(app)
-
-from prefopt.data.cli import data_app  # noqa: E402
-
-app.add_typer(data_app, name="data")
-
-
 @app.command()
 def train(
     config: ConfigArg,
@@ -129,3 +120,11 @@ def precompute_ref(config: ConfigArg, set_: SetOpt = None) -> None:
         run(cfg, console)
     except (DataError, RefCacheMismatch, FileNotFoundError) as exc:
         fail(str(exc))
+
+
+# Sub-commands that live beside their packages (their modules import nothing heavy at load).
+from prefopt.data.cli import data_app  # noqa: E402
+from prefopt.tracking.cli import register as register_tracking  # noqa: E402
+
+app.add_typer(data_app, name="data")
+register_tracking(app)

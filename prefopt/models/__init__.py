@@ -1,8 +1,13 @@
 """Causal LMs for prefopt: tiny ones built locally, real ones loaded with from_pretrained."""
 
+import torch
+
 from prefopt.models.tiny import build_tiny_model, build_tokenizer, ensure_model, save_tiny
 
-__all__ = ["build_tiny_model", "build_tokenizer", "ensure_model", "save_tiny"]
+__all__ = ["DTYPES", "build_tiny_model", "build_tokenizer", "ensure_model", "save_tiny"]
+
+# model.dtype names -> torch dtypes
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def quiet_transformers() -> None:

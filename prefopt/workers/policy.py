@@ -20,9 +20,7 @@ from prefopt.cluster.deepspeed_config import deepspeed_config
 from prefopt.cluster.sharding import StepPlan
 from prefopt.cluster.worker_group import RankEnv
 from prefopt.config import RunConfig
-from prefopt.models import quiet_transformers
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from prefopt.models import DTYPES, quiet_transformers
 
 
 def lr_lambda(schedule: str, warmup: int, total: int):

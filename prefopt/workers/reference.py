@@ -15,9 +15,7 @@ import numpy as np
 import torch
 
 from prefopt.config import RunConfig
-from prefopt.models import quiet_transformers
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from prefopt.models import DTYPES, quiet_transformers
 
 
 class ReferenceWorker:
