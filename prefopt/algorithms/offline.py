@@ -71,9 +71,9 @@ def micro_batch_loss(model, data, indices: list[int], cfg: RunConfig, ref: dict[
 
     ref: reference log-probs of exactly these rows, {role: [B]} (None for reference-free losses).
     """
-    from prefopt.losses import pairwise_loss, resolve_params, unpaired_loss
+    from prefopt.losses import pairwise_loss, unpaired_loss
 
-    name = cfg.algorithm.name
+    name, params = cfg.algorithm.name, cfg.algorithm.loss_params()  # the loss fills in its defaults
     logps, info = forward_logps(model, data, indices, packing)
     ref_of = (lambda role: torch.tensor(ref[role])) if ref is not None else (lambda role: None)  # a copy: live answers are read-only
     if name == "sft":
@@ -83,13 +83,11 @@ def micro_batch_loss(model, data, indices: list[int], cfg: RunConfig, ref: dict[
         loss = per_example.mean()
         metrics = {"loss": loss.item(), "logps/chosen": logps["chosen"].mean().item()}
     elif name == "kto":
-        params = resolve_params(name, **cfg.algorithm.loss_params())
         out = unpaired_loss(name, policy_logps=logps["completion"], ref_logps=ref_of("completion"),
                             desirable=info["desirable"], kl_policy_logps=logps["kl"],
                             kl_ref_logps=ref_of("kl"), lengths=info["completion"], **params)
         loss, metrics = out.loss, out.metrics
     else:
-        params = resolve_params(name, **cfg.algorithm.loss_params())
         out = pairwise_loss(name, policy_chosen_logps=logps["chosen"], policy_rejected_logps=logps["rejected"],
                             ref_chosen_logps=ref_of("chosen"), ref_rejected_logps=ref_of("rejected"),
                             chosen_lengths=info["chosen"], rejected_lengths=info["rejected"], **params)
