@@ -7,10 +7,12 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.syntax import Syntax
 
-from prefopt.config import ConfigError, RunConfig, TinyModelConfig, load_config
+from prefopt.cli_common import ConfigArg, SetOpt, console, fail, resolve
+from prefopt.config import TinyModelConfig
+from prefopt.data.cli import data_app
+from prefopt.tracking.cli import register as register_tracking
 
 app = typer.Typer(
     help="prefopt: preference optimisation (DPO, IPO, KTO, SimPO, ORPO, ...) on Ray + DeepSpeed.",
@@ -22,30 +24,6 @@ config_app = typer.Typer(help="Inspect run configs.", no_args_is_help=True)
 model_app = typer.Typer(help="Build and inspect models.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 app.add_typer(model_app, name="model")
-
-console = Console()
-err_console = Console(stderr=True)
-
-ConfigArg = Annotated[Path, typer.Argument(help="YAML run config", show_default=False)]
-SetOpt = Annotated[
-    list[str] | None,
-    typer.Option("--set", help="Override a field: --set train.lr=1e-4 (repeatable)", show_default=False),
-]
-
-
-def fail(message: str, code: int = 2) -> None:
-    """Print a user-facing error without a traceback and exit."""
-    for line in message.splitlines():
-        err_console.print(f"[bold red]error:[/] {line}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
-
-
-def resolve(config: Path | None, overrides: list[str] | None) -> RunConfig:
-    try:
-        return load_config(config, overrides or [])
-    except ConfigError as exc:
-        fail(str(exc))
-        raise  # unreachable; keeps type checkers calm
 
 
 @config_app.command("show")
@@ -122,9 +100,6 @@ def precompute_ref(config: ConfigArg, set_: SetOpt = None) -> None:
         fail(str(exc))
 
 
-# Sub-commands that live beside their packages (their modules import nothing heavy at load).
-from prefopt.data.cli import data_app  # noqa: E402
-from prefopt.tracking.cli import register as register_tracking  # noqa: E402
-
+# Sub-commands that live beside their packages, registered last so that `prefopt --help` lists them last.
 app.add_typer(data_app, name="data")
 register_tracking(app)

@@ -15,13 +15,6 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-# Offline preference losses (see prefopt.losses and REFERENCES.md). `kto` is unpaired.
-PAIRWISE_LOSSES = (
-    "dpo", "robust", "hinge", "ipo", "nca_pair", "bco_pair", "sppo_hard", "apo_zero",
-    "apo_down", "discopop", "simpo", "cpo", "orpo", "gpo",
-)
-ALGORITHMS = (*PAIRWISE_LOSSES, "kto", "sft")
-
 
 class ConfigError(ValueError):
     """A config that cannot run; the message is meant for the user, one problem per line."""
@@ -100,65 +93,43 @@ class DataConfig(Section):
 
 
 class AlgorithmConfig(Section):
-    """Which loss or algorithm runs, and its parameters (names as in REFERENCES.md)."""
+    """Which loss runs, and its parameters (names as in REFERENCES.md).
 
-    name: Literal[ALGORITHMS] = "dpo"  # type: ignore[valid-type]
+    The loss library (prefopt.losses) owns the loss names, which parameters each loss takes
+    and their ranges; this section only carries them, and asks the library at load time.
+    """
+
+    name: str = "dpo"
     # None means "the loss's own default" (e.g. beta 0.1 for dpo, 2.0 for simpo).
-    beta: float | None = Field(None, gt=0)
-    label_smoothing: float | None = Field(None, ge=0, lt=0.5)
+    beta: float | None = None
+    label_smoothing: float | None = None
     gamma: float | None = None
-    tau: float | None = Field(None, gt=0)
-    sft_weight: float | None = Field(None, ge=0)
-    desirable_weight: float | None = Field(None, gt=0)
-    undesirable_weight: float | None = Field(None, gt=0)
+    tau: float | None = None
+    sft_weight: float | None = None
+    desirable_weight: float | None = None
+    undesirable_weight: float | None = None
     # The GPO view (name: gpo): loss = function(beta * (score_c - score_r) - gamma).
-    function: Literal["logistic", "hinge", "squared", "exponential", "truncated_squared", "savage"] | None = None
-    score: Literal["sum_logratio", "avg_logratio", "sum_logp", "avg_logp"] | None = None
+    function: str | None = None
+    score: str | None = None
 
     def loss_params(self) -> dict[str, float | str]:
         """The parameters the user set, to pass to prefopt.losses as keyword arguments."""
-        fields = ("beta", "label_smoothing", "gamma", "tau", "sft_weight",
-                  "desirable_weight", "undesirable_weight", "function", "score")
+        fields = [f for f in type(self).model_fields if f != "name"]
         return {f: getattr(self, f) for f in fields if getattr(self, f) is not None}
 
     @model_validator(mode="after")
     def _params_fit_the_loss(self) -> AlgorithmConfig:
-        # The loss library owns which parameters each loss takes; ask it now, before any
-        # process starts, rather than on the first training step.
-        if self.name == "sft":
-            if self.loss_params():
-                raise ValueError(f"sft takes no loss parameters (got {', '.join(self.loss_params())})")
-            return self
+        # Ask the loss library now, before any process starts, rather than on the first step.
         from prefopt.losses import resolve_params
 
         resolve_params(self.name, **self.loss_params())
         return self
 
 
-class RefConfig(Section):
-    mode: Literal["cache", "live", "none"] = Field(
-        "cache", description="cache: precompute once and reuse; live: per batch; none: ref-free"
-    )
-    cache_dir: str | None = Field(None, description="local path or s3://, gs://; default under output_dir")
-    num_replicas: int = Field(1, ge=1)
-    offload: bool = Field(
-        False, description="serve the reference with DeepSpeed ZeRO-3 inference, parameters in CPU memory "
-        "(for a reference larger than the GPU beside the policy; no gain on CPU-only machines)")
-
-
-class ClusterConfig(Section):
-    address: str | None = Field(None, description="Ray address; null starts a local Ray")
-    num_workers: int = Field(1, ge=1, description="policy ranks (one DeepSpeed rank each)")
-    gpus_per_worker: float = Field(0, ge=0)
-    cpus_per_worker: float = Field(1, gt=0)
-    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
-    collective_timeout_s: int = Field(600, ge=10, description="fail a hung collective after this")
-
-
 class DeepSpeedConfig(Section):
     zero_stage: int = Field(3, ge=0, le=3)
     offload_optimizer: bool = False
-    offload_param: bool = False
+    offload_param: bool = Field(False, description="ZeRO-3: keep parameters in CPU memory, stream them in")
     gradient_clipping: float = Field(1.0, ge=0, description="0 disables clipping")
     extra: dict[str, Any] = Field(
         default_factory=dict, description="merged into the generated DeepSpeed config"
@@ -173,9 +144,48 @@ class DeepSpeedConfig(Section):
         return self
 
 
+class RoleConfig(Section):
+    """One model role (policy, reference; critic and reward next): its ranks and engine.
+
+    Every role is a group of engine workers, one DeepSpeed rank per Ray actor."""
+
+    num_workers: int = Field(1, ge=1, description="ranks (one Ray actor and DeepSpeed rank each)")
+    cpus_per_worker: float = Field(1, gt=0)
+    gpus_per_worker: float = Field(0, ge=0)
+    micro_batch_size: int = Field(4, ge=1, description="examples per rank per forward")
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+
+
+class PolicyConfig(RoleConfig):
+    """The trained model (the `model` section): ZeRO-3 across its ranks; generates on the same ranks."""
+
+
+class RefConfig(RoleConfig):
+    """The frozen reference: never on a policy rank. Inference only (no optimizer), so ZeRO
+    stage 0 (a plain copy per rank) unless its parameters are offloaded (zero_stage 3 +
+    offload_param: a reference larger than the GPU beside the policy)."""
+
+    model_path: str | None = Field(None, description="Hugging Face model dir; null: the policy's starting model")
+    mode: Literal["cache", "live", "none"] = Field(
+        "cache", description="cache: precompute once and reuse; live: per batch; none: ref-free"
+    )
+    cache_dir: str | None = Field(None, description="local path or s3://, gs://; default under output_dir")
+    cpus_per_worker: float | None = Field(None, gt=0, description="null: as policy.cpus_per_worker")
+    gpus_per_worker: float | None = Field(None, ge=0, description="null: as policy.gpus_per_worker")
+    micro_batch_size: int | None = Field(None, ge=1, description="null: as policy.micro_batch_size")
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig(zero_stage=0)
+
+
+class ClusterConfig(Section):
+    """Where the roles run. Each role's ranks and resources are in its own section."""
+
+    address: str | None = Field(None, description="Ray address; null starts a local Ray")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    collective_timeout_s: int = Field(600, ge=10, description="fail a hung collective after this")
+
+
 class TrainConfig(Section):
     lr: float = Field(5e-4, gt=0, le=1)
-    micro_batch_size: int = Field(4, ge=1, description="pairs per rank per forward")
     gradient_accumulation_steps: int = Field(1, ge=1)
     max_steps: int = Field(100, ge=1, description="optimizer steps")
     warmup_steps: int = Field(0, ge=0)
@@ -203,33 +213,97 @@ class TrackingConfig(Section):
     )
 
 
-class EvalConfig(Section):
-    every_steps: int = Field(50, ge=1)
-    num_prompts: int = Field(64, ge=1)
+class SamplingConfig(Section):
+    """How the policy workers sample (prefopt.workers.generation)."""
+
     max_new_tokens: int = Field(32, ge=1)
-    temperature: float = Field(1.0, gt=0)
+    temperature: float = Field(1.0, gt=0, description="log-probs returned are the model's own (temperature 1)")
+    top_k: int = Field(0, ge=0, description="0: no top-k cut")
+    top_p: float = Field(1.0, gt=0, le=1)
+    greedy: bool = Field(False, description="argmax decoding (temperature, top_k, top_p unused)")
+    seed: int = 0
+
+
+class EvalConfig(Section):
+    """Reward and KL on a built-in task's held-out prompts: at step 0, every `every_steps`
+    steps and at the end, so each run is a curve on the reward–KL plane."""
+
+    every_steps: int | None = Field(50, ge=1, description="null: only at step 0 and at the end")
+    num_prompts: int = Field(64, ge=1)
+    sampling: SamplingConfig = SamplingConfig()
 
 
 class RunConfig(Section):
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     algorithm: AlgorithmConfig = AlgorithmConfig()
+    policy: PolicyConfig = PolicyConfig()
     ref: RefConfig = RefConfig()
     cluster: ClusterConfig = ClusterConfig()
-    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
     train: TrainConfig = TrainConfig()
     tracking: TrackingConfig = TrackingConfig()
     eval: EvalConfig = EvalConfig()
     output_dir: str = "runs/default"
 
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, tree: Any) -> Any:
+        # Keys that moved when each model role got its own section: name the new key.
+        if not isinstance(tree, dict):
+            return tree
+        moved = []
+        for (section, key), new in MOVED_KEYS.items():
+            node = tree.get(section)
+            if isinstance(node, dict) and (key in node if key else True):
+                moved.append(f"{section}.{key} moved to {new}" if key else f"section {section} moved to {new}")
+        if moved:
+            raise ValueError("; ".join(moved))
+        return tree
+
     @model_validator(mode="after")
-    def _data_source(self) -> RunConfig:
+    def _sections_agree(self) -> RunConfig:
+        # Rules that span sections, checked at load, before anything starts.
+        from prefopt.losses import needs_reference
+
         if self.data.path is None and self.data.task is None:
             raise ValueError("set data.path (a file) or data.task (a built-in task)")
+        name, params = self.algorithm.name, self.algorithm.loss_params()
+        if self.ref.mode == "none" and needs_reference(name, **params):
+            raise ValueError(f"algorithm.name={name} needs a reference model, but ref.mode is none "
+                             "(use ref.mode: cache or live, or a reference-free loss: simpo, cpo, orpo, sft)")
+        if self.ref.mode == "live" and self.ref.deepspeed.zero_stage == 3 and self.ref.num_workers > 1:
+            raise ValueError("ref.mode=live with ref.deepspeed.zero_stage 3 on several ranks: each policy rank "
+                             "asks one reference rank alone, but ZeRO-3 ranks must compute together; "
+                             "use ref.num_workers: 1, ref.deepspeed.zero_stage: 0, or ref.mode: cache")
         return self
+
+    @property
+    def reference(self) -> RoleConfig:
+        """The reference role with its unset resources taken from the policy's."""
+        ref, policy = self.ref, self.policy
+        return RoleConfig(
+            num_workers=ref.num_workers,
+            cpus_per_worker=ref.cpus_per_worker if ref.cpus_per_worker is not None else policy.cpus_per_worker,
+            gpus_per_worker=ref.gpus_per_worker if ref.gpus_per_worker is not None else policy.gpus_per_worker,
+            micro_batch_size=ref.micro_batch_size or policy.micro_batch_size, deepspeed=ref.deepspeed,
+        )
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# Keys of earlier versions -> where they live now (a clear error, not a silent default).
+MOVED_KEYS = {
+    ("cluster", "num_workers"): "policy.num_workers",
+    ("cluster", "cpus_per_worker"): "policy.cpus_per_worker",
+    ("cluster", "gpus_per_worker"): "policy.gpus_per_worker",
+    ("train", "micro_batch_size"): "policy.micro_batch_size",
+    ("deepspeed", None): "policy.deepspeed (and ref.deepspeed for the reference)",
+    ("ref", "num_replicas"): "ref.num_workers",
+    ("ref", "offload"): "ref.deepspeed.offload_param (with ref.deepspeed.zero_stage: 3)",
+    ("eval", "max_new_tokens"): "eval.sampling.max_new_tokens",
+    ("eval", "temperature"): "eval.sampling.temperature",
+}
 
 
 # ----------------------------------------------------------------------------- loading
@@ -283,6 +357,8 @@ def _describe(err: dict) -> str:
     msg = err["msg"]
     if err["type"] == "value_error":
         msg = msg.removeprefix("Value error, ")
+        if not loc:  # a rule across sections names its own fields
+            return msg
     got = err.get("input")
     shown = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
     return f"{dotted}: {msg}{shown}"

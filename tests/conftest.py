@@ -44,8 +44,8 @@ def ray_local():
     import ray
 
     from prefopt.cluster.ray_setup import connect
-    from prefopt.config import ClusterConfig
+    from prefopt.config import ClusterConfig, RoleConfig
 
-    connect(ClusterConfig(num_workers=2), reference_replicas=1)
+    connect(ClusterConfig(), [RoleConfig(num_workers=2), RoleConfig(num_workers=1)])
     yield ray
     ray.shutdown()

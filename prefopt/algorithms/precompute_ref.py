@@ -29,27 +29,32 @@ def cache_parts(cfg: RunConfig, model_dir: Path, tokenizer, data) -> dict[str, s
                              data.max_prompt_length, cfg.model.dtype)
 
 
-def open_cache(cfg: RunConfig, model_dir: Path, tokenizer, data, parts: dict[str, str] | None = None):
-    from prefopt.algorithms.offline import ROLES
+def open_cache(cfg: RunConfig, reference_dir: Path, tokenizer, data, parts: dict[str, str] | None = None):
+    from prefopt.data import SEQUENCE_ROLES
     from prefopt.refcache import RefCache
 
-    parts = parts or cache_parts(cfg, model_dir, tokenizer, data)
-    # Shards small enough that every replica gets several and a killed run loses little.
-    shard_rows = max(cfg.train.micro_batch_size, min(4096, -(-data.num_rows // (4 * cfg.ref.num_replicas))))
-    return RefCache.open(cache_root(cfg), parts, num_rows=data.num_rows, roles=list(ROLES[data.kind]),
+    ref = cfg.reference
+    parts = parts or cache_parts(cfg, reference_dir, tokenizer, data)
+    # Each shard is split across the reference ranks; shards small enough that a killed run
+    # loses little and the progress bar moves.
+    shard_rows = max(ref.micro_batch_size * ref.num_workers, min(4096, -(-data.num_rows // 8)))
+    return RefCache.open(cache_root(cfg), parts, num_rows=data.num_rows, roles=list(SEQUENCE_ROLES[data.kind]),
                          shard_rows=shard_rows)
 
 
-def precompute(cfg: RunConfig, model_dir: Path, tokenizer, data, console):
-    """-> a complete RefCache for this run's inputs, computing only what is missing."""
+def fill_reference_cache(cfg: RunConfig, inputs, console, start_reference):
+    """-> a complete RefCache for this run's inputs, computing only what is missing.
+
+    start_reference() gives the reference group, called only on a miss (or a partial cache)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from prefopt.refcache import RefCache
-    from prefopt.workers.reference import ReferenceServer
+    from prefopt.workers.reference import fill_cache
 
-    parts = cache_parts(cfg, model_dir, tokenizer, data)
+    data, reference_dir = inputs.data, inputs.reference_dir(cfg)
+    parts = cache_parts(cfg, reference_dir, inputs.tokenizer, data)
     nearest = RefCache.nearest(cache_root(cfg), parts)  # before open: open creates this cache
-    cache = open_cache(cfg, model_dir, tokenizer, data, parts)
+    cache = open_cache(cfg, reference_dir, inputs.tokenizer, data, parts)
     missing = cache.missing_shards()
     if not missing:
         console.print(f"reference cache hit: {cache.uri}")
@@ -60,43 +65,51 @@ def precompute(cfg: RunConfig, model_dir: Path, tokenizer, data, console):
         console.print(f"reference cache miss{why}; computing {cache.uri}")
     else:
         console.print(f"resuming reference cache {cache.uri}: {todo} of {data.num_rows} rows left")
+    group = start_reference()
     columns = [TextColumn("[bold]reference log-probs"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[rate]} examples/s"), TimeRemainingColumn()]
-    with console.status(f"starting {cfg.ref.num_replicas} reference worker(s)"):
-        server = ReferenceServer(cfg, model_dir, data)
-    try:
-        with Progress(*columns, console=console) as progress:
-            task = progress.add_task("ref", total=data.num_rows, completed=data.num_rows - todo, rate="-")
-            start = time.perf_counter()
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task("ref", total=data.num_rows, completed=data.num_rows - todo, rate="-")
+        start = time.perf_counter()
 
-            def advance(rows: int) -> None:
-                progress.advance(task, rows)
-                done = progress.tasks[0].completed - (data.num_rows - todo)
-                progress.update(task, rate=f"{done / max(time.perf_counter() - start, 1e-9):.0f}")
+        def advance(rows: int) -> None:
+            progress.advance(task, rows)
+            done = progress.tasks[0].completed - (data.num_rows - todo)
+            progress.update(task, rate=f"{done / max(time.perf_counter() - start, 1e-9):.0f}")
 
-            server.fill(cache, on_shard=advance)
-    finally:
-        server.shutdown()
+        fill_cache(group, cache, on_shard=advance)
     return cache
+
+
+def precompute(cfg: RunConfig, reference_dir: Path, tokenizer, data, console):
+    """-> a complete RefCache of `data` under the reference at `reference_dir`, on a reference
+    group of its own (started only when something is missing)."""
+    from prefopt.algorithms import stages
+
+    inputs = stages.Inputs(Path(reference_dir), tokenizer, data)
+    stages.connect(cfg, with_reference=True)
+    groups = []
+
+    def start_reference():
+        groups.append(stages.start_reference(cfg, inputs, console))
+        return groups[0]
+
+    try:
+        return fill_reference_cache(cfg, inputs, console, start_reference)
+    finally:
+        for group in groups:
+            group.shutdown()
 
 
 def run(cfg: RunConfig, console) -> None:
     """The CLI command: prepare the data, then fill the cache."""
-    from transformers import AutoTokenizer
+    from prefopt.algorithms import stages
+    from prefopt.losses import needs_reference
 
-    from prefopt.algorithms.offline import needs_reference_model
-    from prefopt.cluster.ray_setup import connect
-    from prefopt.data import prepare
-    from prefopt.models import ensure_model
-
-    if not needs_reference_model(cfg):
+    if not needs_reference(cfg.algorithm.name, **cfg.algorithm.loss_params()):
         console.print(f"algorithm {cfg.algorithm.name} needs no reference model: nothing to precompute")
         return
-    output_dir = Path(cfg.output_dir)
-    with console.status("model, tokenizer and data"):
-        model_dir = ensure_model(cfg.model, output_dir)
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        data = prepare(cfg, tokenizer, output_dir / "data")
-    connect(cfg.cluster, reference_replicas=cfg.ref.num_replicas)
-    cache = precompute(cfg, model_dir, tokenizer, data, console)
-    console.print(f"reference cache complete: {cache.uri} ({data.num_rows} rows, roles {', '.join(cache.roles)})")
+    inputs = stages.prepare_inputs(cfg, console)
+    cache = precompute(cfg, inputs.reference_dir(cfg), inputs.tokenizer, inputs.data, console)
+    console.print(f"reference cache complete: {cache.uri} ({inputs.data.num_rows} rows, roles "
+                  f"{', '.join(cache.roles)})")

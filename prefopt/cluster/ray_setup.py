@@ -4,26 +4,27 @@ from __future__ import annotations
 
 import os
 
-from prefopt.config import ClusterConfig
+from prefopt.config import ClusterConfig, RoleConfig
 
 # Workers inherit these through the runtime env, so a remote cluster behaves like the laptop.
 WORKER_ENV = ("DS_ACCELERATOR", "TOKENIZERS_PARALLELISM", "HF_HUB_OFFLINE", "OMP_NUM_THREADS")
 
 
-def connect(cluster: ClusterConfig, reference_replicas: int = 0) -> None:
+def connect(cluster: ClusterConfig, roles: list[RoleConfig]) -> None:
+    """Start or join Ray once per process; a local instance is sized to hold every role's ranks."""
     import ray
 
     if ray.is_initialized():
         return
     env = {k: os.environ[k] for k in WORKER_ENV if k in os.environ}
-    if cluster.gpus_per_worker == 0:
+    if not any(role.gpus_per_worker for role in roles):
         env.setdefault("DS_ACCELERATOR", "cpu")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env.setdefault("HF_HUB_OFFLINE", "1")
     kwargs: dict = {"runtime_env": {"env_vars": env}, "log_to_driver": True}
     if cluster.address is None:
         # A local instance sized for the job even on a 1-core laptop: CPU "slots" are logical.
-        need = (cluster.num_workers + reference_replicas) * cluster.cpus_per_worker + 1
+        need = sum(role.num_workers * role.cpus_per_worker for role in roles) + 1
         kwargs.update(num_cpus=max(os.cpu_count() or 1, int(need + 0.999)))
     else:
         kwargs["address"] = cluster.address

@@ -1,17 +1,25 @@
-"""A group of Ray actors, one per rank, placed together and joined into one process group.
+"""A group of Ray actors, one per rank of one model role, placed together and joined into one
+process group.
 
-The single-controller pattern: the driver holds a WorkerGroup and calls methods on every rank
-at once (`call`), each rank runs the same step on its own shard, and the driver gathers the
-results. Rank 0 chooses the rendezvous address; every rank then sets the torch.distributed
-environment and calls deepspeed.init_distributed (gloo on CPU, NCCL on GPUs).
+The single-controller pattern: the driver holds a WorkerGroup per role and calls it in one of
+two ways (verl's dispatch modes, written once here):
+
+    group.call("train_steps", 0, 10)       same call on every rank -> [result of rank 0, 1, ...]
+    group.split("generate", prompts, s)    items split into equal contiguous chunks, one per
+                                           rank -> the per-item results, in item order
+
+Rank 0 chooses the rendezvous address; every rank then sets the torch.distributed environment
+and calls deepspeed.init_distributed (gloo on CPU, NCCL on GPUs). The group checks the cluster
+can hold it before asking Ray for anything, so an impossible request fails in a second.
 """
 
 from __future__ import annotations
 
+import math
 import socket
 from typing import Any
 
-from prefopt.config import ClusterConfig
+from prefopt.config import ClusterConfig, RoleConfig
 
 
 class ClusterError(RuntimeError):
@@ -24,59 +32,66 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class RankEnv:
-    """Mixin for worker actors: where am I, and join the process group."""
+def bundle_of(role: RoleConfig) -> dict[str, float]:
+    bundle = {"CPU": float(role.cpus_per_worker)}
+    if role.gpus_per_worker:
+        bundle["GPU"] = float(role.gpus_per_worker)
+    return bundle
 
-    def node_address(self) -> tuple[str, str]:
-        import ray
 
-        return ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address()
+def check_fits(name: str, key: str, role: RoleConfig) -> None:
+    """Fail now, naming the config keys, when no placement could ever hold the role's ranks:
+    a resource no node has, a bundle larger than every node, or more than the whole cluster."""
+    import ray
 
-    def pick_port(self) -> int:
-        return free_port()
-
-    def join_process_group(self, *, master_addr: str, master_port: int, rank: int, world_size: int,
-                           local_rank: int, backend: str, timeout_s: int) -> None:
-        import datetime
-        import os
-
-        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
-                          WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank))
-        import deepspeed
-
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
-                                   timeout=datetime.timedelta(seconds=timeout_s))
-        self.rank, self.world_size = rank, world_size
+    bundle = bundle_of(role)
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    total = {r: sum(n.get(r, 0.0) for n in nodes) for r in bundle}
+    for resource, amount in bundle.items():
+        field = f"{key}.{'gpus' if resource == 'GPU' else 'cpus'}_per_worker"
+        if total[resource] == 0:
+            raise ClusterError(f"{name}: {field}={amount:g} but no node of the cluster has a {resource}; "
+                               f"set {field}: 0 or use a cluster with {resource}s")
+        if not any(n.get(resource, 0.0) >= amount for n in nodes):
+            biggest = max(n.get(resource, 0.0) for n in nodes)
+            raise ClusterError(f"{name}: {field}={amount:g} but the largest node has {biggest:g} {resource}; "
+                               f"lower {field}")
+        if total[resource] < amount * role.num_workers:
+            raise ClusterError(f"{name}: {role.num_workers} ranks x {amount:g} {resource} = "
+                               f"{amount * role.num_workers:g}, the cluster has {total[resource]:g}; lower "
+                               f"{key}.num_workers or {field}, or add nodes")
 
 
 class WorkerGroup:
-    """N actors of `actor_cls`, gang-scheduled in one placement group and rendezvoused."""
+    """`role.num_workers` actors of `actor_cls`, gang-scheduled in one placement group and rendezvoused.
 
-    def __init__(self, actor_cls: type, cluster: ClusterConfig, *, name: str, init_args: tuple = ()):
+    name: how messages name the group ("policy", "reference"); key: its config section.
+    """
+
+    def __init__(self, actor_cls: type, role: RoleConfig, cluster: ClusterConfig, *, name: str, key: str,
+                 init_args: tuple = ()):
         import ray
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        self.name, self.size = name, cluster.num_workers
-        bundle = {"CPU": cluster.cpus_per_worker}
-        if cluster.gpus_per_worker:
-            bundle["GPU"] = cluster.gpus_per_worker
+        self.name, self.size = name, role.num_workers
+        check_fits(name, key, role)
+        bundle = bundle_of(role)
         self.placement_group = placement_group([dict(bundle)] * self.size, strategy=cluster.placement_strategy)
         try:
             ray.get(self.placement_group.ready(), timeout=cluster.collective_timeout_s)
         except ray.exceptions.GetTimeoutError:
-            total = ray.cluster_resources()
             ray.util.remove_placement_group(self.placement_group)
             raise ClusterError(
-                f"{name}: could not place {self.size} workers of {bundle} within "
-                f"{cluster.collective_timeout_s}s; the cluster has {total}. Lower cluster.num_workers "
-                "or cluster.cpus_per_worker / cluster.gpus_per_worker, or add nodes."
+                f"{name}: the cluster has the resources for {self.size} x {bundle} but they stayed busy "
+                f"for {cluster.collective_timeout_s}s (cluster.collective_timeout_s); available now: "
+                f"{ray.available_resources()}"
             ) from None
         remote_cls = ray.remote(actor_cls)
         self.actors = [
             remote_cls.options(
-                num_cpus=cluster.cpus_per_worker,
-                num_gpus=cluster.gpus_per_worker,
+                num_cpus=role.cpus_per_worker,
+                num_gpus=role.gpus_per_worker,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     placement_group=self.placement_group, placement_group_bundle_index=i
                 ),
@@ -84,7 +99,7 @@ class WorkerGroup:
             ).remote(*init_args)
             for i in range(self.size)
         ]
-        self._rendezvous(backend="nccl" if cluster.gpus_per_worker else "gloo",
+        self._rendezvous(backend="nccl" if role.gpus_per_worker else "gloo",
                          timeout_s=cluster.collective_timeout_s)
 
     def _rendezvous(self, backend: str, timeout_s: int) -> None:
@@ -107,16 +122,40 @@ class WorkerGroup:
 
         `per_rank` gives keyword arguments that differ by rank: {name: [value for each rank]}.
         """
-        import ray
+        return self.wait(self.call_async(method, *args, per_rank=per_rank, **kwargs), method)
 
+    def call_async(self, method: str, *args: Any, per_rank: dict[str, list] | None = None, **kwargs: Any) -> list:
+        """As `call`, without waiting: the Ray object refs, one per rank (see `wait`)."""
         refs = []
         for rank, actor in enumerate(self.actors):
             rank_kwargs = kwargs | {key: values[rank] for key, values in (per_rank or {}).items()}
             refs.append(getattr(actor, method).remote(*args, **rank_kwargs))
+        return refs
+
+    def wait(self, refs: list, method: str) -> list:
+        import ray
+
         try:
             return ray.get(refs)
         except ray.exceptions.RayActorError as exc:
             raise ClusterError(f"{self.name}: a worker died during {method}: {exc}") from exc
+
+    def split(self, method: str, items: list, *args: Any, **kwargs: Any) -> list:
+        """Run `method(chunk, *args, **kwargs)` on every rank with its share of `items`; the
+        method returns one result per item, and this returns them in item order.
+
+        Every rank gets the same number of items (the last chunk is padded by repeating the last
+        item, and those results are dropped): ZeRO-3 ranks must run the same forwards together.
+        """
+        if not items:
+            return []
+        per = math.ceil(len(items) / self.size)
+        padded = list(items) + [items[-1]] * (per * self.size - len(items))
+        chunks = [padded[r * per : (r + 1) * per] for r in range(self.size)]
+        refs = [getattr(actor, method).remote(chunk, *args, **kwargs)
+                for actor, chunk in zip(self.actors, chunks, strict=True)]
+        results = self.wait(refs, method)
+        return [item for chunk in results for item in chunk][: len(items)]
 
     def shutdown(self) -> None:
         import ray

@@ -7,23 +7,16 @@ would stop it (data.on_bad_row: error), 2 when the source itself is unusable.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-data_app = typer.Typer(help="Check preference data.", no_args_is_help=True)
-console = Console()
+from prefopt.cli_common import ConfigArg, console, fail, resolve, set_opt
 
-# Defined here rather than imported: prefopt.cli imports this module when it is loaded.
-ConfigArg = Annotated[Path, typer.Argument(help="YAML run config", show_default=False)]
-SetOpt = Annotated[
-    list[str] | None,
-    typer.Option("--set", help="Override a field: --set data.path=pairs.jsonl (repeatable)",
-                 show_default=False),
-]
+data_app = typer.Typer(help="Check preference data.", no_args_is_help=True)
+
+SetOpt = set_opt("Override a field: --set data.path=pairs.jsonl (repeatable)")
 
 
 @data_app.command("validate")
@@ -33,11 +26,10 @@ def validate(
     show: Annotated[int, typer.Option(help="problems to print (all are counted)")] = 20,
 ) -> None:
     """Read, validate and tokenize the run's data; print what would be kept, cut and dropped."""
-    from prefopt.cli import fail, resolve
+    from prefopt.data.errors import DataError
     from prefopt.data.fingerprint import fingerprint, tokenizer_fingerprint
     from prefopt.data.prepare import check
     from prefopt.data.report import describe_reason
-    from prefopt.data.sources import DataError
 
     cfg = resolve(config, set_)
     with console.status("loading the tokenizer"):

@@ -31,6 +31,8 @@ from collections.abc import Sequence
 
 import torch
 
+from prefopt.data.formats import SEQUENCE_ROLES
+
 IGNORE = -100
 
 
@@ -39,7 +41,7 @@ def _sequences(rows: Sequence[dict], max_length: int | None) -> tuple[list, list
     kind = _kind(rows)
     if kind == "pair":
         prompts = [r["prompt_ids"] for r in rows] * 2
-        completions = [r["chosen_ids"] for r in rows] + [r["rejected_ids"] for r in rows]
+        completions = [r[f"{role}_ids"] for role in SEQUENCE_ROLES["pair"] for r in rows]
         return prompts, completions
     # KTO's KL term pairs prompt i with another example's completion. The partner is fixed per
     # example by TokenizedData.rows (the next row of the data set), not by the batch, so the
@@ -55,12 +57,15 @@ def _sequences(rows: Sequence[dict], max_length: int | None) -> tuple[list, list
 def _kind(rows: Sequence[dict]) -> str:
     if not rows:
         raise ValueError("cannot collate an empty batch")
-    first = rows[0]
-    return "pair" if "chosen_ids" in first else "unpaired" if "completion_ids" in first else "prompt"
+    # A row holds the ids of its kind's first sequence (TokenizedData columns); prompt rows have none.
+    for kind, (first, _) in SEQUENCE_ROLES.items():
+        if f"{first}_ids" in rows[0]:
+            return kind
+    return "prompt"
 
 
-def collate(rows: Sequence[dict], *, pad_token_id: int, packing: bool,
-            max_length: int | None = None, min_packing_gain: float = 0.0) -> dict[str, torch.Tensor]:
+def collate(rows: Sequence[dict], *, pad_token_id: int, packing: bool, max_length: int | None = None,
+            min_packing_gain: float = 0.0, rejected: bool = True) -> dict[str, torch.Tensor]:
     """One batch for TokenizedData rows of any kind (see the module docstring for the layout).
 
     min_packing_gain: pack only when padding would waste at least this fraction of the padded
@@ -70,11 +75,16 @@ def collate(rows: Sequence[dict], *, pad_token_id: int, packing: bool,
 
     max_length: cut KTO's mismatched KL sequences to it (real ones already fit), and the
     capacity of a packed row.
+
+    rejected=False: only each example's first sequence (chosen), for losses that never read the
+    second (sft): half the tokens, half the forward.
     """
     kind = _kind(rows)
     if kind == "prompt":
         return collate_prompts(rows, pad_token_id=pad_token_id)
     prompts, completions = _sequences(rows, max_length)
+    if not rejected:
+        prompts, completions = prompts[: len(rows)], completions[: len(rows)]
     if packing and min_packing_gain > 0:
         lengths = [len(p) + len(c) for p, c in zip(prompts, completions, strict=True)]
         packing = 1 - sum(lengths) / (len(lengths) * max(lengths)) >= min_packing_gain

@@ -18,7 +18,8 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass
 
-from prefopt.data.sources import DataError, Source
+from prefopt.data.errors import DataError
+from prefopt.data.sources import Source
 
 COLUMNS: dict[str, tuple[str, ...]] = {
     "preference": ("prompt", "chosen", "rejected"),
@@ -27,8 +28,17 @@ COLUMNS: dict[str, tuple[str, ...]] = {
     "unpaired": ("prompt", "completion", "label"),
     "prompt_only": ("prompt",),
 }
+# The sequences of one example by kind, in batch order (prefopt.data.collate); also the columns of
+# the reference cache. An unpaired example's second sequence is KTO's KL pair: its prompt with the
+# completion of the next row (TokenizedData.rows).
+SEQUENCE_ROLES: dict[str, tuple[str, str]] = {"pair": ("chosen", "rejected"), "unpaired": ("completion", "kl")}
 # Auto-detection tries the formats with more columns first, so the most specific one wins.
 _DETECT_ORDER = ("unpaired", "preference", "implicit_prompt", "prompt_only")
+
+
+def format_kind(name: str) -> str:
+    """pair (chosen + rejected), unpaired (completion + label) or prompt (no completion)."""
+    return {"unpaired": "unpaired", "prompt_only": "prompt"}.get(name, "pair")
 
 
 @dataclass(frozen=True)
@@ -42,12 +52,12 @@ class FormatSpec:
 
     @property
     def kind(self) -> str:
-        """pair (chosen + rejected), unpaired (completion + label) or prompt (no completion)."""
-        return {"unpaired": "unpaired", "prompt_only": "prompt"}.get(self.name, "pair")
+        return format_kind(self.name)
 
     @property
     def completions(self) -> tuple[str, ...]:
-        return {"pair": ("chosen", "rejected"), "unpaired": ("completion",), "prompt": ()}[self.kind]
+        """The completion columns: the sequences of an example that the data holds itself."""
+        return tuple(c for c in self.columns if c in SEQUENCE_ROLES.get(self.kind, ()))
 
 
 def _first_value(source: Source, column: str):

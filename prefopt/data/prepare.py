@@ -19,10 +19,11 @@ from pathlib import Path
 import pyarrow as pa
 
 from prefopt.config import RunConfig
+from prefopt.data.errors import DataError
 from prefopt.data.fingerprint import fingerprint, tokenizer_fingerprint
 from prefopt.data.formats import FormatSpec, resolve_format
 from prefopt.data.report import DataReport
-from prefopt.data.sources import DataError, read_source
+from prefopt.data.sources import read_source
 from prefopt.data.store import TokenizedData, to_table, write
 from prefopt.data.tokenize import encode
 from prefopt.data.validate import check_rows

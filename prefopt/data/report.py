@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
-from prefopt.data.validate import REASONS, Problem
+from prefopt.data.errors import Problem
+from prefopt.data.validate import REASONS
 
 SHOWN_PROBLEMS = 20  # problems quoted in an error or a log; the rest are counted
 

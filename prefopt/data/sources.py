@@ -20,10 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from prefopt.config import DataConfig
-
-
-class DataError(ValueError):
-    """Data that cannot be used; the message names the source, row (1-based) and field."""
+from prefopt.data.errors import DataError, Problem
 
 
 @dataclass
@@ -31,7 +28,7 @@ class Source:
     name: str  # what messages call it: a file path, "dataset DIR (split train)", "task NAME"
     columns: list[str]  # in first-seen order
     rows: list[tuple[int, dict]]  # (1-based row number, {column: value})
-    problems: list = field(default_factory=list)  # rows that could not be parsed (validate.Problem)
+    problems: list[Problem] = field(default_factory=list)  # rows that could not be parsed
     row_word: str = "row"  # JSONL rows are lines; messages say "line 7"
 
 
@@ -77,8 +74,6 @@ def _columns_of(rows: list[tuple[int, dict]]) -> list[str]:
 
 
 def _read_json(path: Path) -> Source:
-    from prefopt.data.validate import Problem
-
     text = path.read_text(encoding="utf-8")
     rows: list[tuple[int, dict]] = []
     problems = []

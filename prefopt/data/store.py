@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from prefopt.data.formats import format_kind
 from prefopt.data.report import DataReport
 
 MANIFEST = "manifest.json"
@@ -60,8 +61,8 @@ class TokenizedData:
 
     @property
     def kind(self) -> str:
-        """pair, unpaired or prompt (see prefopt.data.formats.FormatSpec.kind)."""
-        return {"unpaired": "unpaired", "prompt_only": "prompt"}.get(self.format, "pair")
+        """pair, unpaired or prompt (prefopt.data.formats.format_kind)."""
+        return format_kind(self.format)
 
     @property
     def table(self) -> pa.Table:

@@ -27,9 +27,10 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+from prefopt.data.errors import DataError, Problem
 from prefopt.data.formats import FormatSpec
-from prefopt.data.sources import DataError, Source
-from prefopt.data.validate import BadRow, Example, Problem
+from prefopt.data.sources import Source
+from prefopt.data.validate import BadRow, Example
 
 
 @dataclass

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from prefopt.data.errors import Problem
 from prefopt.data.formats import FormatSpec
 from prefopt.data.sources import Source
 
@@ -37,24 +38,6 @@ REASONS = {
     "no_room": "a prompt longer than data.max_prompt_length, leaving no room for the completion",
     "identical_after_truncation": "chosen and rejected identical once tokenized and truncated",
 }
-
-
-@dataclass(frozen=True)
-class Problem:
-    source: str
-    row: int | None  # 1-based; None for a problem of the whole source
-    field: str | None  # e.g. "chosen", "prompt[2].role"
-    reason: str  # a key of REASONS
-    message: str
-    row_word: str = "row"
-
-    def __str__(self) -> str:
-        where = self.source
-        if self.row is not None:
-            where += f": {self.row_word} {self.row} (1-based)"
-        if self.field is not None:
-            where += f", field '{self.field}'"
-        return f"{where}: {self.message}"
 
 
 @dataclass

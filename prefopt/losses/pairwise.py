@@ -41,6 +41,12 @@ def mean_nll(p: Pairs) -> Tensor:
     return -p.chosen / p.chosen_lengths
 
 
+def sft(p: Pairs) -> Tensor:
+    """Supervised fine-tuning on the chosen completion: its mean token NLL −πc/Lc, [B].
+    Per-example means keep the loss independent of how examples are split over ranks."""
+    return mean_nll(p)
+
+
 # ----------------------------------------------------------------------- stable primitives
 
 _LN2 = math.log(2.0)

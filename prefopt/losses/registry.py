@@ -34,6 +34,7 @@ class _Loss:
     defaults: dict[str, Any]  # every parameter the loss takes, with its default
     reference: bool  # needs ref log-probs
     lengths: bool  # needs chosen_lengths and rejected_lengths
+    rejected: bool = True  # reads the rejected completion (False: sft, which trains on chosen only)
 
 
 def _pairwise(fn, *, ref: bool, lengths: bool, **defaults) -> _Loss:
@@ -60,6 +61,9 @@ _PAIRWISE = {
     "gpo": _pairwise(pairwise.gpo, ref=True, lengths=False, beta=0.1, function="logistic",
                      score="sum_logratio", gamma=0.0),
 }
+# SFT is a loss like the others: the chosen completion's mean token NLL, no reference, and no
+# rejected sequence at all, so callers skip its forward pass (needs_rejected).
+_PAIRWISE["sft"] = _Loss(pairwise.sft, {}, reference=False, lengths=True, rejected=False)
 _UNPAIRED = {
     "kto": _Loss(kto, {"beta": 0.1, "desirable_weight": 1.0, "undesirable_weight": 1.0},
                  reference=True, lengths=False),
@@ -67,6 +71,8 @@ _UNPAIRED = {
 
 PAIRWISE_LOSSES = tuple(_PAIRWISE)
 UNPAIRED_LOSSES = tuple(_UNPAIRED)
+# Every loss name, the one list the config and the CLI read.
+LOSSES = PAIRWISE_LOSSES + UNPAIRED_LOSSES
 
 # What each parameter may be: (test, description for the error message).
 _NUMBER_RULES = {
@@ -87,7 +93,7 @@ _CHOICES = {"function": tuple(GPO_FUNCTIONS), "score": GPO_SCORES}
 def _spec(name: str) -> _Loss:
     spec = _PAIRWISE.get(name) or _UNPAIRED.get(name)
     if spec is None:
-        known = PAIRWISE_LOSSES + UNPAIRED_LOSSES
+        known = LOSSES
         close = difflib.get_close_matches(str(name), known, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise ValueError(f"unknown loss {name!r}{hint} (known: {', '.join(known)})")
@@ -157,6 +163,16 @@ def needs_reference(name: str, **params: Any) -> bool:
     return _needs(name, resolve_params(name, **params))[0]
 
 
+def needs_rejected(name: str) -> bool:
+    """Whether `name` reads the rejected completion of a pair (False: sft)."""
+    return _spec(name).rejected
+
+
+def is_unpaired(name: str) -> bool:
+    """Whether `name` trains on unpaired, labelled completions (kto) rather than pairs."""
+    return _spec(name) in _UNPAIRED.values()
+
+
 def needs_lengths(name: str, **params: Any) -> bool:
     """Whether `name` with `params` needs chosen_lengths and rejected_lengths (token counts)."""
     return _needs(name, resolve_params(name, **params))[1]
@@ -218,7 +234,7 @@ def pairwise_loss(
     name: str,
     *,
     policy_chosen_logps: Tensor,
-    policy_rejected_logps: Tensor,
+    policy_rejected_logps: Tensor | None = None,
     ref_chosen_logps: Tensor | None = None,
     ref_rejected_logps: Tensor | None = None,
     chosen_lengths: Tensor | None = None,
@@ -230,6 +246,7 @@ def pairwise_loss(
     Log-probs are [B], summed over completion tokens (any float dtype; computed in fp32);
     lengths are [B] completion token counts. Reference log-probs are ignored by
     reference-free losses. `params`: the loss's parameters (see default_params(name)).
+    sft reads only the chosen side: policy_rejected_logps and rejected_lengths may be None.
     """
     if name in _UNPAIRED:
         raise ValueError(f"loss {name!r} is unpaired: call unpaired_loss, not pairwise_loss")
@@ -238,6 +255,13 @@ def pairwise_loss(
     spec = _PAIRWISE[name]
 
     chosen = _logps("policy_chosen_logps", policy_chosen_logps, None)
+    if not spec.rejected:
+        _missing(name, "completion lengths", chosen_lengths=chosen_lengths)
+        p = Pairs(chosen, chosen, None, None, _lengths("chosen_lengths", chosen_lengths, chosen), None)
+        per_example = spec.fn(p)  # [B]
+        loss = per_example.mean()
+        values = {"loss": loss, "logps/chosen": p.chosen.detach().mean(), "nll": per_example.detach().mean()}
+        return LossOutput(loss, per_example, _to_floats(values))
     rejected = _logps("policy_rejected_logps", policy_rejected_logps, chosen)
     ref_c = ref_r = len_c = len_r = None
     if reference:

@@ -16,6 +16,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from prefopt.cli_common import fail, resolve, set_opt
 from prefopt.tracking.store import (
     TrackingError,
     default_store_dir,
@@ -43,17 +44,11 @@ ConfigOpt = Annotated[
     typer.Option("--config", help="take tracking.uri, tracking.experiment and output_dir from "
                  "this run config", show_default=False),
 ]
-SetOpt = Annotated[
-    list[str] | None,
-    typer.Option("--set", help="Override a config field: --set tracking.experiment=sweep",
-                 show_default=False),
-]
+SetOpt = set_opt("Override a config field: --set tracking.experiment=sweep")
 
 
 def _context(config: Path | None, set_: list[str] | None, tracking_uri: str | None,
              experiment: str | None):
-    from prefopt.cli import fail, resolve
-
     cfg = resolve(config, set_)
     uri = tracking_uri or resolve_tracking_uri(cfg)
     db = sqlite_file(uri)
@@ -85,7 +80,6 @@ def compare_cmd(
     """Compare methods: reward-vs-KL frontier per algorithm/loss, table of runs, logged back."""
     from mlflow.exceptions import MlflowException
 
-    from prefopt.cli import fail
     from prefopt.tracking.compare import run_comparison
     from prefopt.tracking.report import display_rows, fmt, headers
 
@@ -96,7 +90,6 @@ def compare_cmd(
             result = run_comparison(uri, name, out_dir=out_dir, x=x, y=y, at_kl=at_kl)
     except (TrackingError, MlflowException) as exc:
         fail(str(exc))
-        return
     cmp = result.comparison
     table = Table(title=f"{name}: {y} vs {x}", title_justify="left", box=box.SIMPLE_HEAD,
                   pad_edge=False)
@@ -126,7 +119,6 @@ def runs_cmd(
     """List the recent runs of an experiment, newest first."""
     from mlflow.exceptions import MlflowException
 
-    from prefopt.cli import fail
     from prefopt.tracking.compare import is_comparison, method_of, params_of, search_runs
     from prefopt.tracking.report import fmt
     from prefopt.tracking.store import find_experiment, mlflow_client
@@ -138,7 +130,6 @@ def runs_cmd(
         runs = search_runs(client, exp.experiment_id, max_results=limit)
     except (TrackingError, MlflowException) as exc:
         fail(str(exc))
-        return
     # The latest value of each; a column only when some run has logged it.
     metrics = [m for m in ("loss", "eval/reward", "eval/kl", "eval/win_rate")
                if any(m in r.data.metrics for r in runs)]

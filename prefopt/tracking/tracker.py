@@ -31,7 +31,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 import prefopt
-from prefopt.config import PAIRWISE_LOSSES, RunConfig
+from prefopt.config import RunConfig
 from prefopt.tracking.store import (
     TrackingError,
     get_or_create_experiment,
@@ -89,8 +89,10 @@ def param_value(value: Any) -> str:
 
 def algorithm_tags(cfg: RunConfig) -> dict[str, str]:
     """{'algorithm': 'offline', 'loss': 'dpo'} for the offline losses, else {'algorithm': name}."""
+    from prefopt.losses import LOSSES
+
     name = cfg.algorithm.name
-    if name in PAIRWISE_LOSSES or name == "kto":
+    if name in LOSSES:
         return {TAG_ALGORITHM: "offline", TAG_LOSS: name}
     return {TAG_ALGORITHM: name}
 

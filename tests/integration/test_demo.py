@@ -13,7 +13,7 @@ from prefopt.demo import DEMO_RUNS, run_demo
 
 def test_demo_trains_each_method_and_writes_the_comparison(tmp_path, tiny_model_dir, ray_local):
     cfg = load_config(DEMO_CONFIG, [f"model.path={tiny_model_dir}", "data.num_examples=48", "train.max_steps=2",
-                                    "train.micro_batch_size=4", "eval.num_prompts=4", "eval.max_new_tokens=4",
+                                    "policy.micro_batch_size=4", "eval.num_prompts=4", "eval.sampling.max_new_tokens=4",
                                     f"output_dir={tmp_path / 'demo'}"])
     out = io.StringIO()
     run_demo(cfg, Console(file=out, width=200))

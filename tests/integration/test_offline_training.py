@@ -53,7 +53,7 @@ def tiny_run(tmp_path, model_dir, data_path, *overrides):
 def test_cli_trains_with_zero3_on_two_ranks_and_exports(tmp_path, tiny_model_dir):
     out = tmp_path / "run"
     proc = subprocess.run(
-        [sys.executable, "-m", "prefopt", "train", str(TINY_DPO), "--set", "cluster.num_workers=2",
+        [sys.executable, "-m", "prefopt", "train", str(TINY_DPO), "--set", "policy.num_workers=2",
          "--set", "train.max_steps=3", "--set", f"output_dir={out}", "--set", f"model.path={tiny_model_dir}"],
         capture_output=True, text=True, timeout=600, env=os.environ | {"DS_ACCELERATOR": "cpu"},
     )
@@ -74,7 +74,7 @@ def test_cli_trains_with_zero3_on_two_ranks_and_exports(tmp_path, tiny_model_dir
 
 
 def test_reward_accuracy_exceeds_090_on_learnable_pairs(tmp_path, tiny_model_dir, synthetic_pairs, ray_local):
-    cfg = tiny_run(tmp_path, tiny_model_dir, synthetic_pairs, "train.max_steps=40", "train.micro_batch_size=8",
+    cfg = tiny_run(tmp_path, tiny_model_dir, synthetic_pairs, "train.max_steps=40", "policy.micro_batch_size=8",
                    "train.lr=1e-3")
     result = train(cfg, quiet())
     metrics = read_metrics(tmp_path)
@@ -88,9 +88,9 @@ def test_two_ranks_equal_one_rank_with_twice_the_micro_batch(tmp_path, tiny_mode
     """Loss scaling across ranks and accumulation steps: the same global batch, the same curve."""
     curves, param_bytes = {}, {}
     layouts = {
-        "2x2": ["cluster.num_workers=2", "train.micro_batch_size=2"],
-        "1x4": ["cluster.num_workers=1", "train.micro_batch_size=4"],
-        "1x2x2acc": ["cluster.num_workers=1", "train.micro_batch_size=2", "train.gradient_accumulation_steps=2"],
+        "2x2": ["policy.num_workers=2", "policy.micro_batch_size=2"],
+        "1x4": ["policy.num_workers=1", "policy.micro_batch_size=4"],
+        "1x2x2acc": ["policy.num_workers=1", "policy.micro_batch_size=2", "train.gradient_accumulation_steps=2"],
     }
     for name, overrides in layouts.items():
         cfg = tiny_run(tmp_path / name, tiny_model_dir, synthetic_pairs, "train.max_steps=5",

@@ -30,7 +30,7 @@ def quiet() -> Console:
 
 def config(tmp_path, model_dir, *overrides):
     return load_config(TINY_DPO, [f"model.path={model_dir}", "data.num_examples=40", f"output_dir={tmp_path}/run",
-                                  "train.save_steps=1000", "eval.num_prompts=4", "eval.max_new_tokens=4",
+                                  "train.save_steps=1000", "eval.num_prompts=4", "eval.sampling.max_new_tokens=4",
                                   *overrides])
 
 
@@ -97,7 +97,7 @@ def test_each_input_change_is_a_miss_and_a_foreign_cache_is_refused(tmp_path, ti
 
 
 def test_killed_precompute_resumes_to_the_same_cache(tmp_path, tiny_model_dir, tiny_tokenizer, ray_local):
-    overrides = ["data.num_examples=400", "train.micro_batch_size=2"]
+    overrides = ["data.num_examples=400", "policy.micro_batch_size=2"]
     straight_cfg = config(tmp_path / "straight", tiny_model_dir, *overrides)
     straight = precompute(straight_cfg, tiny_model_dir, tiny_tokenizer, prepared(straight_cfg, tiny_tokenizer),
                           quiet()).read()
@@ -128,7 +128,7 @@ def test_offloaded_reference_gives_the_same_cache(tmp_path, tiny_model_dir, tiny
     the log-probs must not change."""
     plain_cfg = config(tmp_path / "plain", tiny_model_dir)
     plain = precompute(plain_cfg, tiny_model_dir, tiny_tokenizer, prepared(plain_cfg, tiny_tokenizer), quiet()).read()
-    offload_cfg = config(tmp_path / "offload", tiny_model_dir, "ref.offload=true")
+    offload_cfg = config(tmp_path / "offload", tiny_model_dir, "ref.deepspeed.zero_stage=3", "ref.deepspeed.offload_param=true")
     offloaded = precompute(offload_cfg, tiny_model_dir, tiny_tokenizer, prepared(offload_cfg, tiny_tokenizer),
                            quiet()).read()
     for role in ("chosen", "rejected"):

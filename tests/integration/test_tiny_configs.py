@@ -1,4 +1,5 @@
-"""Every shipped tiny config trains on the built-in task; reference-free ones start no reference actor."""
+"""Every shipped tiny config trains on the built-in task; reference-free ones compute no reference cache,
+and every run evaluates through the reference role (the KL of the reward-KL plane)."""
 
 import io
 import json
@@ -31,7 +32,7 @@ def test_tiny_config_trains(name, tmp_path, tiny_model_dir, ray_local):
         # output_dir one level down: the RefCache (beside output_dir) is this test's own, not a hit
         # left by another config of the same data.
         f"model.path={tiny_model_dir}", "data.num_examples=48", "train.max_steps=3", f"output_dir={tmp_path / 'run'}",
-        "eval.num_prompts=4", "eval.max_new_tokens=4",
+        "eval.num_prompts=4", "eval.sampling.max_new_tokens=4",
     ])
     before = reference_actors(ray_local)
     result = train(cfg, Console(file=io.StringIO()))
@@ -40,7 +41,8 @@ def test_tiny_config_trains(name, tmp_path, tiny_model_dir, ray_local):
     if name in FIRST_LOSS:
         assert metrics[0]["loss"] == pytest.approx(FIRST_LOSS[name], abs=1e-4)
     assert metrics[-1]["loss"] != metrics[0]["loss"]
-    started = reference_actors(ray_local) - before
-    assert started == (0 if name in REFERENCE_FREE else cfg.ref.num_replicas)
+    # One reference group per run, for the evaluation's KL (and the loss's cache where needed).
+    assert reference_actors(ray_local) - before == cfg.ref.num_workers
+    assert (tmp_path / "refcache").exists() == (name not in REFERENCE_FREE)
     assert {"eval/reward", "eval/kl", "eval/win_rate"} <= result.final_metrics.keys()
     assert 0.0 <= result.final_metrics["eval/reward"] <= 1.0

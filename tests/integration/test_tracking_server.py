@@ -116,7 +116,7 @@ def test_run_over_http_reads_back(server, tmp_path):
                  tracking={"experiment": "http", "run_name": "tiny-dpo",
                            "register_model": "prefopt-tiny"},
                  algorithm={"name": "dpo", "beta": 0.1},
-                 deepspeed={"extra": {"note": "z" * 700}})
+                 policy={"deepspeed": {"extra": {"note": "z" * 700}}})
     model_dir = tmp_path / "export"
     model_dir.mkdir()
     (model_dir / "config.json").write_text('{"model_type": "llama"}')
@@ -145,7 +145,7 @@ def test_run_over_http_reads_back(server, tmp_path):
     params = run.data.params
     assert params["algorithm.name"] == "dpo" and params["algorithm.beta"] == "0.1"
     assert params["train.lr"] == "0.0005" and params["tracking.uri"] == server.url
-    assert len(params["deepspeed.extra.note"]) == 500
+    assert len(params["policy.deepspeed.extra.note"]) == 500
     # Tags.
     tags = run.data.tags
     assert tags["algorithm"] == "offline" and tags["loss"] == "dpo"

@@ -22,8 +22,8 @@ def test_yaml_values_reach_the_tree():
     [
         ("train.lr=1e-4", ["train", "lr"], "1e-4"),  # YAML 1.1 keeps this a string ...
         ("train.lr=0.001", ["train", "lr"], 0.001),
-        ("cluster.num_workers=2", ["cluster", "num_workers"], 2),
-        ("deepspeed.offload_param=true", ["deepspeed", "offload_param"], True),
+        ("policy.num_workers=2", ["policy", "num_workers"], 2),
+        ("policy.deepspeed.offload_param=true", ["policy", "deepspeed", "offload_param"], True),
         ("train.adam_betas=[0.9, 0.95]", ["train", "adam_betas"], [0.9, 0.95]),
         ("model.path=null", ["model", "path"], None),
         ("tracking.run_name=my run", ["tracking", "run_name"], "my run"),
@@ -34,9 +34,9 @@ def test_parse_override_types_values(text, path, value):
 
 
 def test_overrides_are_typed_after_validation():
-    cfg = load_config(TINY, ["train.lr=1e-4", "cluster.num_workers=2", "train.adam_betas=[0.8,0.9]"])
+    cfg = load_config(TINY, ["train.lr=1e-4", "policy.num_workers=2", "train.adam_betas=[0.8,0.9]"])
     assert cfg.train.lr == pytest.approx(1e-4)  # ... and the float field accepts it
-    assert cfg.cluster.num_workers == 2
+    assert cfg.policy.num_workers == 2
     assert cfg.train.adam_betas == (0.8, 0.9)
 
 
@@ -71,17 +71,17 @@ def test_unknown_section_is_refused(tmp_path):
 @pytest.mark.parametrize(
     ("override", "field", "says"),
     [
-        ("cluster.num_workers=0", "cluster.num_workers", "greater than or equal to 1"),
+        ("policy.num_workers=0", "policy.num_workers", "greater than or equal to 1"),
         ("train.lr=-1", "train.lr", "greater than 0"),
-        ("algorithm.name=dpoo", "algorithm.name", "'dpo'"),
-        ("deepspeed.zero_stage=4", "deepspeed.zero_stage", "less than or equal to 3"),
-        ("algorithm.label_smoothing=0.5", "algorithm.label_smoothing", "less than 0.5"),
+        ("algorithm.name=dpoo", "algorithm", "did you mean 'dpo'"),
+        ("policy.deepspeed.zero_stage=4", "policy.deepspeed.zero_stage", "less than or equal to 3"),
+        ("algorithm.label_smoothing=0.5", "algorithm", "label_smoothing must be in [0, 0.5)"),
         ("data.max_prompt_length=1000", "data", "max_prompt_length must be smaller"),
-        ("deepspeed.offload_param=true", "deepspeed", "needs zero_stage 3"),
+        ("policy.deepspeed.offload_param=true", "policy.deepspeed", "needs zero_stage 3"),
     ],
 )
 def test_out_of_range_values_say_what_is_allowed(override, field, says):
-    overrides = [override] + (["deepspeed.zero_stage=2"] if "offload_param" in override else [])
+    overrides = [override] + (["policy.deepspeed.zero_stage=2"] if "offload_param" in override else [])
     with pytest.raises(ConfigError) as err:
         load_config(TINY, overrides)
     assert f": {field}: " in str(err.value)
@@ -115,17 +115,47 @@ def test_every_shipped_config_validates():
 
 
 def test_yaml_round_trip_is_identity(tmp_path):
-    cfg = load_config(TINY, ["train.lr=0.01", "cluster.num_workers=2"])
+    cfg = load_config(TINY, ["train.lr=0.01", "policy.num_workers=2"])
     dumped = tmp_path / "resolved.yaml"
     dumped.write_text(cfg.to_yaml())
     assert load_config(dumped) == cfg
 
 
-def test_config_and_loss_library_agree_on_loss_names():
-    from prefopt import config, losses
+def test_loss_names_come_from_the_loss_library():
+    from prefopt import losses
 
-    assert set(config.PAIRWISE_LOSSES) == set(losses.PAIRWISE_LOSSES)
-    assert set(config.ALGORITHMS) - set(config.PAIRWISE_LOSSES) == {*losses.UNPAIRED_LOSSES, "sft"}
+    for name in losses.LOSSES:  # every loss the library has is a valid algorithm.name, sft and kto included
+        params = {"algorithm.name": name, "ref.mode": "cache"}
+        load_config(None, [f"{k}={v}" for k, v in params.items()])
+    with pytest.raises(ConfigError, match=r"algorithm: unknown loss 'dpx'; did you mean 'dpo'"):
+        load_config(TINY, ["algorithm.name=dpx"])
+
+
+@pytest.mark.parametrize(
+    ("override", "says"),
+    [
+        ("cluster.num_workers=2", "cluster.num_workers moved to policy.num_workers"),
+        ("train.micro_batch_size=2", "train.micro_batch_size moved to policy.micro_batch_size"),
+        ("deepspeed.zero_stage=3", "section deepspeed moved to policy.deepspeed"),
+        ("ref.num_replicas=2", "ref.num_replicas moved to ref.num_workers"),
+        ("ref.offload=true", "ref.offload moved to ref.deepspeed.offload_param"),
+    ],
+)
+def test_moved_keys_name_their_new_place(override, says):
+    with pytest.raises(ConfigError, match=says):
+        load_config(TINY, [override])
+
+
+def test_rules_across_sections_are_checked_at_load():
+    with pytest.raises(ConfigError, match=r"algorithm.name=dpo needs a reference model, but ref.mode is none"):
+        load_config(TINY, ["ref.mode=none"])
+    load_config(TINY, ["ref.mode=none", "algorithm.name=simpo", "algorithm.beta=2.0"])  # reference-free: fine
+    with pytest.raises(ConfigError, match="ref.mode=live with ref.deepspeed.zero_stage 3 on several ranks"):
+        load_config(TINY, ["ref.mode=live", "ref.num_workers=2", "ref.deepspeed.zero_stage=3"])
+    # The reference takes the policy's resources unless it names its own.
+    cfg = load_config(TINY, ["policy.cpus_per_worker=2", "policy.micro_batch_size=3", "ref.micro_batch_size=8"])
+    assert (cfg.reference.cpus_per_worker, cfg.reference.micro_batch_size) == (2, 8)
+    assert cfg.reference.deepspeed.zero_stage == 0  # a frozen copy unless its parameters are offloaded
 
 
 def test_loss_params_are_checked_by_the_loss_library():
@@ -136,5 +166,5 @@ def test_loss_params_are_checked_by_the_loss_library():
     # A parameter the chosen loss does not take fails at load time, naming the section.
     with pytest.raises(ConfigError, match=r"algorithm: loss 'dpo' does not take parameter 'gamma'"):
         load_config(TINY, ["algorithm.name=dpo", "algorithm.gamma=1.0"])
-    with pytest.raises(ConfigError, match="sft takes no loss parameters"):
+    with pytest.raises(ConfigError, match="loss 'sft' does not take parameter 'beta'"):
         load_config(TINY, ["algorithm.name=sft"])  # the tiny DPO config sets beta

@@ -97,6 +97,21 @@ def assert_masks_exact(td, tokenizer):
                 assert r[name].count(tokenizer.eos_token_id) == 1 and r[name][-1] == tokenizer.eos_token_id
 
 
+def test_kind_and_completion_columns_of_every_format():
+    from prefopt.data import SEQUENCE_ROLES
+    from prefopt.data.formats import COLUMNS, FormatSpec
+
+    assert SEQUENCE_ROLES == {"pair": ("chosen", "rejected"), "unpaired": ("completion", "kl")}
+    specs = {name: FormatSpec(name, messages=False) for name in COLUMNS}
+    assert {name: (spec.kind, spec.completions) for name, spec in specs.items()} == {
+        "preference": ("pair", ("chosen", "rejected")),
+        "conversational": ("pair", ("chosen", "rejected")),
+        "implicit_prompt": ("pair", ("chosen", "rejected")),
+        "unpaired": ("unpaired", ("completion",)),  # the kl sequence comes from another row
+        "prompt_only": ("prompt", ()),
+    }
+
+
 def test_standard_preference_jsonl(tmp_path, tiny_tokenizer):
     td = prepare(cfg_for(write_jsonl(tmp_path / "pairs.jsonl", PREFERENCE)), tiny_tokenizer, tmp_path / "out")
     assert td.format == "preference" and td.num_rows == 3

@@ -37,17 +37,22 @@ REFERENCE_BASED = ["dpo", "robust", "hinge", "ipo", "nca_pair", "bco_pair", "spp
 REFERENCE_FREE = ["simpo", "cpo", "orpo"]
 
 
-def test_names_match_the_config():
-    assert [n for n in PAIRWISE_LOSSES if n != "gpo"] == [n for n in config.PAIRWISE_LOSSES if n != "gpo"]
-    assert PAIRWISE_LOSSES[-1] == "gpo"
+def test_loss_table_and_the_config_fields_it_needs():
+    assert PAIRWISE_LOSSES[-1] == "sft" and "gpo" in PAIRWISE_LOSSES
     assert UNPAIRED_LOSSES == ("kto",)
-    assert set(PAIRWISE_LOSSES + UNPAIRED_LOSSES) - {"gpo"} <= set(config.ALGORITHMS)
-
-
-def test_numeric_parameter_names_exist_in_the_config():
-    # function and score (gpo) are strings, new to the config; every other name is there.
+    # The config carries every parameter of every loss (the library checks their values).
     names = set().union(*(default_params(n) for n in PAIRWISE_LOSSES + UNPAIRED_LOSSES))
-    assert names - {"function", "score"} <= set(config.AlgorithmConfig.model_fields)
+    assert names <= set(config.AlgorithmConfig.model_fields)
+
+
+def test_sft_reads_the_chosen_side_only():
+    from prefopt.losses import needs_rejected
+
+    chosen = torch.tensor([-6.0, -2.0], requires_grad=True)
+    out = pairwise_loss("sft", policy_chosen_logps=chosen, chosen_lengths=torch.tensor([3, 2]))
+    assert out.per_example.tolist() == pytest.approx([2.0, 1.0])  # -(-6)/3, -(-2)/2
+    assert out.loss.item() == pytest.approx(1.5)
+    assert not needs_rejected("sft") and needs_rejected("dpo") and not needs_reference("sft")
 
 
 def test_defaults_are_those_of_references_md():

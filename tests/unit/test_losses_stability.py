@@ -13,6 +13,7 @@ from prefopt.losses import (
     GPO_SCORES,
     PAIRWISE_LOSSES,
     log1mexp,
+    needs_rejected,
     pairwise_loss,
     unpaired_loss,
 )
@@ -45,7 +46,8 @@ def test_pairwise_finite_at_extreme_log_ratios(name, params, dtype):
     assert all(math.isfinite(v) for v in out.metrics.values()), out.metrics
     out.loss.backward()
     for key, t in inputs.items():
-        if key.startswith("policy") or t.grad is not None:  # reference-free losses skip refs
+        # Reference-free losses skip refs; sft reads the chosen side only.
+        if key == "policy_chosen_logps" or (key.startswith("policy") and needs_rejected(name)) or t.grad is not None:
             assert torch.isfinite(t.grad).all(), (key, t.grad)
 
 

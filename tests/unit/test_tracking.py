@@ -61,7 +61,7 @@ def test_tracking_config_validation():
 def test_flatten_config_writes_every_leaf_once():
     from prefopt.tracking.tracker import flatten_config
 
-    flat = flatten_config(cfg(train={"lr": 1e-4}, deepspeed={"extra": {"a": {"b": 1}}})
+    flat = flatten_config(cfg(train={"lr": 1e-4}, policy={"deepspeed": {"extra": {"a": {"b": 1}}}})
                           .model_dump(mode="json"))
     assert flat["train.lr"] == "0.0001"
     assert flat["train.adam_betas"] == "[0.9, 0.999]"
@@ -69,7 +69,7 @@ def test_flatten_config_writes_every_leaf_once():
     assert flat["data.packing"] == "true"
     assert flat["algorithm.name"] == "dpo"  # strings stay unquoted
     assert flat["model.tiny.hidden_size"] == "64"
-    assert flat["deepspeed.extra.a.b"] == "1"
+    assert flat["policy.deepspeed.extra.a.b"] == "1"
     assert flatten_config({"empty": {}}) == {"empty": "{}"}
     assert all(not isinstance(v, dict) for v in flat.values())
 
@@ -89,7 +89,7 @@ def test_algorithm_tags():
 
     assert algorithm_tags(cfg(algorithm={"name": "dpo"})) == {"algorithm": "offline", "loss": "dpo"}
     assert algorithm_tags(cfg(algorithm={"name": "kto"})) == {"algorithm": "offline", "loss": "kto"}
-    assert algorithm_tags(cfg(algorithm={"name": "sft"})) == {"algorithm": "sft"}
+    assert algorithm_tags(cfg(algorithm={"name": "sft"})) == {"algorithm": "offline", "loss": "sft"}
 
 
 def test_git_commit_is_none_outside_a_checkout(tmp_path):

@@ -1,0 +1,221 @@
+"""EngineWorker: one rank of one model role, holding one DeepSpeed engine.
+
+Every model prefopt runs (policy, reference; critic and reward next) is an EngineWorker in a
+WorkerGroup. The worker joins its group's process group, builds its model (a causal LM, or a
+causal LM with a scalar head for critics and reward models), wraps it in a DeepSpeed engine
+for training (optimizer, ZeRO-3) or for inference (frozen; ZeRO-3 with parameter offload when
+asked), and can generate, score sequences, save, load and export. Roles (prefopt.workers) are
+thin layers that add what only they do: the policy's training steps, the reference's cache rows.
+
+Under ZeRO-3 every rank holds a slice of each parameter and every forward is a collective:
+all ranks of a group must run the same forwards together (WorkerGroup.split sees to it).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import warnings
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from prefopt.config import RunConfig
+from prefopt.models import DTYPES, accelerator_device, quiet_transformers
+
+Head = Literal["lm", "scalar"]
+
+
+def lr_lambda(schedule: str, warmup: int, total: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        if schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    return factor
+
+
+def param_bytes(module: torch.nn.Module) -> int:
+    """Parameter bytes this rank holds: its ZeRO-3 partition, or the full tensors."""
+    total = 0
+    for p in module.parameters():
+        local = getattr(p, "ds_tensor", p)
+        total += local.numel() * local.element_size()
+    return total
+
+
+def load_model(model_dir: str, head: Head, dtype: torch.dtype):
+    """A causal LM, or the same body with a one-output linear head (the base model's
+    ...ForSequenceClassification class, so a trained critic or reward model loads with plain
+    transformers)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    if head == "lm":
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=dtype, num_labels=1)
+        if model.config.pad_token_id is None:  # it finds each row's last token through the pad id
+            model.config.pad_token_id = model.config.eos_token_id
+    model.config.use_cache = False  # training and scoring forwards; generate() asks for the cache
+    return model
+
+
+class EngineWorker:
+    """Base of every role's Ray actor. `role` names its config section: "policy" or "ref"."""
+
+    def __init__(self, config_json: str, role: str = "policy"):
+        self.cfg = RunConfig.model_validate_json(config_json)
+        self.role = self.cfg.policy if role == "policy" else self.cfg.reference
+        self.rank, self.world_size = 0, 1
+        quiet_transformers()
+        # DeepSpeed 0.19 still calls collectives that torch 2.13 deprecates, once per step.
+        warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated")
+        torch.set_num_threads(max(1, int(self.role.cpus_per_worker)))
+
+    # ------------------------------------------------------------------ placement
+
+    def node_address(self) -> tuple[str, str]:
+        import ray
+
+        return ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address()
+
+    def pick_port(self) -> int:
+        from prefopt.cluster.worker_group import free_port
+
+        return free_port()
+
+    def join_process_group(self, *, master_addr: str, master_port: int, rank: int, world_size: int,
+                           local_rank: int, backend: str, timeout_s: int) -> None:
+        import datetime
+        import os
+
+        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
+                          WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank))
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
+                                   timeout=datetime.timedelta(seconds=timeout_s))
+        self.rank, self.world_size = rank, world_size
+
+    # ------------------------------------------------------------------ the engine
+
+    def build(self, model_dir: str, *, train: bool, head: Head = "lm") -> dict:
+        """Load the model into a DeepSpeed engine: with an optimizer and LR schedule (train) or frozen."""
+        import deepspeed
+        from transformers import AutoTokenizer
+        from transformers.integrations import HfDeepSpeedConfig
+
+        from prefopt.cluster.deepspeed_config import deepspeed_config
+
+        cfg = self.cfg
+        torch.manual_seed(cfg.train.seed)
+        ds_config = deepspeed_config(self.role, dtype=cfg.model.dtype, world_size=self.world_size,
+                                     train=cfg.train if train else None)
+        self.zero_stage = ds_config["zero_optimization"]["stage"]
+        # While this object lives, from_pretrained builds the model under deepspeed.zero.Init,
+        # so with ZeRO-3 no rank ever materialises the full model.
+        self._hf_ds_config = HfDeepSpeedConfig(ds_config) if self.zero_stage == 3 else None
+        model = load_model(model_dir, head, DTYPES[cfg.model.dtype])
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.model_dir = model_dir
+        if train:
+            t = cfg.train
+            optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=t.adam_betas,
+                                          weight_decay=t.weight_decay)
+            scheduler = torch.optim.lr_scheduler.LambdaLR(
+                optimizer, lr_lambda(t.lr_schedule, t.warmup_steps, t.max_steps))
+            self.engine, _, _, self.scheduler = deepspeed.initialize(
+                model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+        elif self.zero_stage == 3:
+            model.requires_grad_(False)
+            self.engine = deepspeed.initialize(model=model, config=ds_config)[0]
+        else:
+            # A frozen copy per rank needs no engine: nothing to partition or optimise.
+            self.engine = model.requires_grad_(False).to(accelerator_device())
+        self.model = getattr(self.engine, "module", self.engine)  # the Hugging Face model
+        self.model.train(train)
+        return {"rank": self.rank, "param_bytes": param_bytes(self.model), "zero_stage": self.zero_stage}
+
+    # ------------------------------------------------------------------ generation and scoring
+
+    def generate(self, prompts: list[list[int]], sampling: dict, seed: int) -> list[dict]:
+        """Sample a completion for each prompt (token ids): [{completion_ids, logprobs, text}].
+
+        Under ZeRO-3 the parameters are gathered once for the whole call (and the per-module
+        gather hooks lifted), not once per token; all ranks of the group must call together.
+        The RNG is forked: sampling never changes the training RNG, so resume stays exact.
+        """
+        from prefopt.models.generation import generate
+
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with self._gathered_for_generation(), torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed * 1_000_003 + self.rank)
+                return generate(self.model, self.tokenizer, prompts, **sampling)
+        finally:
+            self.model.train(was_training)
+
+    def _gathered_for_generation(self):
+        if self.zero_stage != 3:
+            return nullcontext()
+        from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
+
+        return unwrap_model_for_generation(self.engine)
+
+    @torch.no_grad()
+    def score(self, samples: list[dict]) -> list[list[float]]:
+        """Per-token log-probs of given completions: samples [{prompt_ids, completion_ids}] ->
+        for each, one fp32 log-prob per completion token (what KL estimates and PPO need)."""
+        from prefopt.data.collate import pad
+        from prefopt.models.logprobs import token_logps
+
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            step = self.role.micro_batch_size
+            out: list[list[float]] = []
+            for s in range(0, len(samples), step):
+                part = samples[s : s + step]
+                batch = pad([x["prompt_ids"] for x in part], [x["completion_ids"] for x in part],
+                            pad_token_id=self.tokenizer.pad_token_id or 0)
+                batch = {k: v.to(accelerator_device()) for k, v in batch.items()}
+                per_token = token_logps(self.model, batch).cpu()  # [B, T], 0 off the completion
+                mask = batch["loss_mask"].cpu()
+                out += [per_token[i][mask[i]].tolist() for i in range(len(part))]
+            return out
+        finally:
+            self.model.train(was_training)
+
+    # ------------------------------------------------------------------ checkpoints and export
+
+    def save_checkpoint(self, directory: str, tag: str, client_state: dict) -> None:
+        self.engine.save_checkpoint(directory, tag=tag, client_state=client_state)
+        rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+        torch.save(rng, Path(directory) / tag / f"rng_rank{self.rank}.pt")
+
+    def load_checkpoint(self, directory: str, tag: str) -> dict:
+        _, client_state = self.engine.load_checkpoint(directory, tag=tag)
+        rng = torch.load(Path(directory) / tag / f"rng_rank{self.rank}.pt", weights_only=False)
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        return client_state or {}
+
+    def export(self, out_dir: str) -> None:
+        """Save the model as a plain Hugging Face directory (ZeRO-3 shards gathered on rank 0)."""
+        if self.zero_stage == 3:
+            state_dict = self.engine._zero3_consolidated_16bit_state_dict()  # every rank must call
+        else:
+            state_dict = self.model.state_dict()
+        if self.rank == 0:
+            self.model.save_pretrained(out_dir, state_dict=state_dict)
+            self.tokenizer.save_pretrained(out_dir)

@@ -1,0 +1,80 @@
+"""The worker-side maths of the offline losses: rows -> log-probs -> loss, on one rank.
+
+    logps, info = forward_logps(model, data, indices, packing, rejected=True)
+    loss, metrics, tokens = micro_batch_loss(model, data, indices, cfg, ref, packing)
+
+Used by the policy role (with gradients) and the reference role (without, into the RefCache).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from prefopt.config import RunConfig
+
+# Pack a micro-batch only when that removes at least this share of padded tokens (prefopt.data.collate).
+MIN_PACKING_GAIN = 0.1
+
+
+def forward_logps(model, data, indices: list[int], packing: bool, *, rejected: bool = True) -> tuple[dict, dict]:
+    """One forward over the rows' sequences -> ({role: logps [B]}, {role: lengths [B], "tokens", ...}).
+
+    Roles (prefopt.data.SEQUENCE_ROLES): pairs -> chosen, rejected; unpaired (KTO) -> completion,
+    kl. rejected=False runs the chosen sequences only (sft). `packing` must come from
+    prefopt.models.logprobs.resolve_packing for this model.
+    """
+    from prefopt.data import SEQUENCE_ROLES, collate
+    from prefopt.models import accelerator_device
+    from prefopt.models.logprobs import sequence_logps
+
+    rows = data.rows(indices)
+    batch = collate(rows, pad_token_id=data.pad_token_id, packing=packing, max_length=data.max_length,
+                    min_packing_gain=MIN_PACKING_GAIN, rejected=rejected)
+    batch = {k: v.to(accelerator_device(), non_blocking=True) for k, v in batch.items()}
+    logps, lengths = sequence_logps(model, batch)  # [2B] (or [B] with rejected=False)
+    b = len(rows)
+    roles = SEQUENCE_ROLES[data.kind] if rejected else SEQUENCE_ROLES[data.kind][:1]
+    info = {"tokens": int(batch["seq_index"].ge(0).sum())}
+    if "desirable" in batch:
+        info["desirable"] = batch["desirable"]
+    out = {}
+    for i, role in enumerate(roles):
+        out[role], info[role] = logps[i * b : (i + 1) * b], lengths[i * b : (i + 1) * b]
+    return out, info
+
+
+@torch.no_grad()
+def reference_logps(model, data, indices: list[int], packing: bool) -> dict[str, torch.Tensor]:
+    """Reference side: fp32 summed log-probs of the rows, by role (what the RefCache stores)."""
+    logps, _ = forward_logps(model, data, indices, packing)
+    return {role: v.float().cpu() for role, v in logps.items()}
+
+
+def micro_batch_loss(model, data, indices: list[int], cfg: RunConfig, ref: dict[str, np.ndarray] | None,
+                     packing: bool):
+    """-> (loss scalar, metrics {name: float}, non-padding tokens) for one micro-batch.
+
+    ref: reference log-probs of exactly these rows, {role: [B]} (None for reference-free losses).
+    """
+    from prefopt.losses import is_unpaired, needs_rejected, pairwise_loss, unpaired_loss
+
+    name, params = cfg.algorithm.name, cfg.algorithm.loss_params()  # the loss fills in its defaults
+    logps, info = forward_logps(model, data, indices, packing, rejected=needs_rejected(name))
+    ref_of = (lambda role: torch.tensor(ref[role])) if ref is not None else (lambda role: None)  # a copy: live answers are read-only
+    if is_unpaired(name):
+        out = unpaired_loss(name, policy_logps=logps["completion"], ref_logps=ref_of("completion"),
+                            desirable=info["desirable"], kl_policy_logps=logps["kl"],
+                            kl_ref_logps=ref_of("kl"), lengths=info["completion"], **params)
+    else:
+        out = pairwise_loss(name, policy_chosen_logps=logps["chosen"], policy_rejected_logps=logps.get("rejected"),
+                            ref_chosen_logps=ref_of("chosen"), ref_rejected_logps=ref_of("rejected"),
+                            chosen_lengths=info["chosen"], rejected_lengths=info.get("rejected"), **params)
+    return out.loss, out.metrics, info["tokens"]
+
+
+def mean_metrics(parts: list[dict[str, float]]) -> dict[str, float]:
+    """Average metrics over micro-batches or ranks. A metric some parts lack (KTO's
+    rewards/chosen in a batch without desirable examples) is averaged over the parts that have it."""
+    keys = dict.fromkeys(k for part in parts for k in part)
+    return {k: float(np.mean([part[k] for part in parts if k in part])) for k in keys}
