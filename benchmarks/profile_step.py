@@ -23,7 +23,6 @@ import torch  # noqa: E402
 from throughput import ROOT, make_pairs  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-from prefopt.algorithms.offline import MIN_PACKING_GAIN  # noqa: E402
 from prefopt.cluster.deepspeed_config import deepspeed_config  # noqa: E402
 from prefopt.cluster.worker_group import free_port  # noqa: E402
 from prefopt.config import TinyModelConfig, load_config  # noqa: E402
@@ -31,6 +30,7 @@ from prefopt.data import collate, prepare  # noqa: E402
 from prefopt.losses import pairwise_loss  # noqa: E402
 from prefopt.models import save_tiny  # noqa: E402
 from prefopt.models.logprobs import sequence_logps  # noqa: E402
+from prefopt.workers.offline_step import MIN_PACKING_GAIN  # noqa: E402
 
 PAIRS, BATCH, MAX_LENGTH = 64, 8, 152
 
@@ -47,7 +47,7 @@ def main() -> None:
     cfg = load_config(ROOT / "configs/tiny/dpo.yaml", [
         f"model.path={model_dir}", f"data.path={data_file}", "data.task=null", f"output_dir={workdir}/run",
         f"data.max_length={MAX_LENGTH}", f"data.max_prompt_length={MAX_LENGTH - 16}",
-        f"train.micro_batch_size={BATCH}", "train.lr=1e-5",
+        f"policy.micro_batch_size={BATCH}", "train.lr=1e-5",
     ])
     data = prepare(cfg, tokenizer, workdir / "data")
 
@@ -56,7 +56,9 @@ def main() -> None:
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     model.config.use_cache = False
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg, 1))
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                    config=deepspeed_config(cfg.policy, dtype=cfg.model.dtype, world_size=1,
+                                                            train=cfg.train))
     ref = np.full(data.num_rows, -200.0, dtype=np.float32)  # values do not change the cost
 
     phases = ("rows + collate", "forward + log-probs", "loss", "backward", "optimizer step")

@@ -244,6 +244,7 @@ def bench_trl(model_dir: Path, tokenizer, pairs: list[dict], batch: int, lr: flo
     """(train seconds, precompute seconds) for one epoch of TRL's DPOTrainer, weights in `dtype`."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, TrainerCallback
+    from transformers.trainer_callback import PrinterCallback
     from trl import DPOConfig, DPOTrainer
 
     class Clock(TrainerCallback):
@@ -262,6 +263,8 @@ def bench_trl(model_dir: Path, tokenizer, pairs: list[dict], batch: int, lr: flo
                 print(f"WARNING: precision mismatch: {message}", file=sys.stderr)
                 raise RuntimeError(message)
             require_dtype("TRL policy", model.named_parameters(), dtype)
+            if model.is_activation_checkpointing:
+                raise RuntimeError("TRL: activation checkpointing is on; no other system recomputes activations")
             if self.trainer.ref_model is not None:  # live reference, built by TRL
                 require_dtype("TRL reference", self.trainer.ref_model.named_parameters(), dtype)
             self.starts.append(time.perf_counter())
@@ -276,15 +279,17 @@ def bench_trl(model_dir: Path, tokenizer, pairs: list[dict], batch: int, lr: flo
         logging_steps=10**6, dataloader_num_workers=0, padding_free=False, disable_tqdm=True, seed=0,
         lr_scheduler_type="constant", warmup_steps=0,
         # TRL's defaults differ from transformers' here: bf16=None means True (autocast to bf16
-        # on CPU), and gradient checkpointing is on. Precision is set by the weights' dtype
-        # instead, and no other system recomputes activations. tf32 only exists on CUDA.
-        bf16=False, fp16=False, tf32=False, gradient_checkpointing=False,
+        # on CPU), and gradient_checkpointing=True (transformers 5.23 reads it as
+        # activation_checkpointing, the new name set here). Precision is set by the weights'
+        # dtype instead, and no other system recomputes activations. tf32 only exists on CUDA.
+        bf16=False, fp16=False, tf32=False, activation_checkpointing=False,
     )
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     clock = Clock()
     trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(pairs),
                          processing_class=tokenizer, callbacks=[clock])
     clock.trainer = trainer
+    trainer.remove_callback(PrinterCallback)  # its end-of-training dict would land amid our output
     train_start = time.perf_counter()
     trainer.train()
     # With precompute, TRL computes the reference log-probs inside train(), before epoch 1;
@@ -311,7 +316,9 @@ def bench_prefopt(model_dir: Path, pairs: list[dict], batch: int, lr: float, max
         f"model.path={model_dir}", f"model.dtype={model_dtype}", f"data.path={data_file}", "data.task=null",
         f"output_dir={out}", f"data.max_length={max_length}", f"data.max_prompt_length={max_length - 16}",
         f"policy.micro_batch_size={batch // workers}", f"train.max_steps={steps or 2 * (len(pairs) // batch)}",
-        f"train.lr={lr}", f"train.save_steps={10**6}", f"policy.cpus_per_worker={threads}",
+        # One call per epoch: logging points cut the policy's calls, so the second epoch is timed alone.
+        f"train.lr={lr}", f"train.save_steps={10**6}", f"train.log_steps={len(pairs) // batch}",
+        f"policy.cpus_per_worker={threads}",
         f"policy.num_workers={workers}", "data.packing=true", f"ref.mode={ref_mode}",
         f"ref.cache_dir={workdir / 'refcache'}",
     ])
@@ -334,9 +341,9 @@ def bench_prefopt(model_dir: Path, pairs: list[dict], batch: int, lr: float, max
 
 # ----------------------------------------------------------------------------- main
 
-SYSTEMS = [("bare PyTorch floor", "floor"), ("TRL, live reference", "trl_live"),
-           ("TRL, precomputed reference", "trl_cached"), ("prefopt, live reference server", "prefopt_live"),
-           ("prefopt, reference cache", "prefopt")]
+# Short labels: the table must fit 80 columns (rich's width when the output is not a terminal).
+SYSTEMS = [("PyTorch floor", "floor"), ("TRL live ref", "trl_live"), ("TRL precomputed ref", "trl_cached"),
+           ("prefopt live ref", "prefopt_live"), ("prefopt ref cache", "prefopt")]
 NAN = float("nan")
 
 
@@ -346,6 +353,28 @@ def print_environment(console: Console, env: dict) -> None:
                   f"(ATen {env['torch_cpu_capability']}, fp32 matmul precision {env['float32_matmul_precision']})")
     console.print("versions: " + ", ".join(f"{name} {env[name]}" for name in
                                            ("python", "torch", "transformers", "trl", "deepspeed", "accelerate", "ray")))
+
+
+def results_table(results: dict[str, dict[str, dict]], title: str) -> Table:
+    """One row per (system, precision), one group per precision; ratios against that group's floor."""
+    table = Table(title=title)
+    table.add_column("system", no_wrap=True)
+    table.add_column("precision", no_wrap=True)
+    shapes = list(next(iter(results.values())))
+    for shape in shapes:
+        table.add_column(f"{shape} tok/s", justify="right")
+        table.add_column("/ floor", justify="right")
+    for precision, by_shape in results.items():
+        for label, key in SYSTEMS:
+            if not any(key in r for r in by_shape.values()):
+                continue  # left out with --skip-trl / --skip-prefopt
+            cells = []
+            for r in by_shape.values():
+                value = r.get(key, NAN)
+                cells += [f"{value:.0f}", f"{value / r['floor']:.2f}"]
+            table.add_row(label, PRECISIONS[precision][2], *cells)
+        table.add_section()
+    return table
 
 
 def main() -> None:
@@ -429,24 +458,9 @@ def main() -> None:
     console.print()
     print_environment(console, env)
     console.print(bf16_line)
-    table = Table(title=f"DPO throughput, real tokens/s ({args.layers}x{args.width} Llama, {args.pairs} pairs, "
-                        f"batch {args.batch}, {env['threads']} threads); / floor = against the floor in the same "
-                        f"precision")
-    table.add_column("system")
-    table.add_column("precision")
-    for shape in data:
-        table.add_column(f"{shape} tok/s", justify="right")
-        table.add_column(f"{shape} / floor", justify="right")
-    for precision, by_shape in results.items():
-        for label, key in SYSTEMS:
-            if not any(key in r for r in by_shape.values()):
-                continue  # skipped with --skip-trl / --skip-prefopt
-            cells = []
-            for r in by_shape.values():
-                value = r.get(key, NAN)
-                cells += [f"{value:.0f}", f"{value / r['floor']:.2f}"]
-            table.add_row(label, PRECISIONS[precision][2], *cells)
-        table.add_section()
+    title = (f"DPO throughput, real tokens/s ({args.layers}x{args.width} Llama, {args.pairs} pairs, batch "
+             f"{args.batch}, {env['threads']} threads); / floor: against the floor in the same precision")
+    table = results_table(results, title)
     console.print(table)
     if "bf16" in results:
         console.print(HOW_BF16)

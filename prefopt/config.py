@@ -193,7 +193,9 @@ class TrainConfig(Section):
     weight_decay: float = Field(0.0, ge=0)
     adam_betas: tuple[float, float] = (0.9, 0.999)
     seed: int = 0
-    log_steps: int = Field(1, ge=1)
+    log_steps: int = Field(
+        10, ge=1, description="log to MLflow every N steps (metrics.jsonl gets every step); the policy "
+        "runs the steps between logging, saving and evaluation points in one call")
     save_steps: int = Field(50, ge=1)
 
 

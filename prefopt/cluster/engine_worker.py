@@ -125,7 +125,7 @@ class EngineWorker:
         self._hf_ds_config = HfDeepSpeedConfig(ds_config) if self.zero_stage == 3 else None
         model = load_model(model_dir, head, DTYPES[cfg.model.dtype])
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.model_dir = model_dir
+        self.head = head
         if train:
             t = cfg.train
             optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=t.adam_betas,
@@ -173,8 +173,10 @@ class EngineWorker:
 
     @torch.no_grad()
     def score(self, samples: list[dict]) -> list[list[float]]:
-        """Per-token log-probs of given completions: samples [{prompt_ids, completion_ids}] ->
-        for each, one fp32 log-prob per completion token (what KL estimates and PPO need)."""
+        """Per-token scores of given completions: samples [{prompt_ids, completion_ids}] -> for
+        each, one fp32 number per completion token. A causal LM gives the log-prob of each token
+        (KL estimates, PPO's ratios); a scalar head gives the value of the state before each
+        token (a critic; a reward model reads the last one)."""
         from prefopt.data.collate import pad
         from prefopt.models.logprobs import token_logps
 
@@ -188,9 +190,14 @@ class EngineWorker:
                 batch = pad([x["prompt_ids"] for x in part], [x["completion_ids"] for x in part],
                             pad_token_id=self.tokenizer.pad_token_id or 0)
                 batch = {k: v.to(accelerator_device()) for k, v in batch.items()}
-                per_token = token_logps(self.model, batch).cpu()  # [B, T], 0 off the completion
-                mask = batch["loss_mask"].cpu()
-                out += [per_token[i][mask[i]].tolist() for i in range(len(part))]
+                if self.head == "lm":
+                    per_token = token_logps(self.model, batch)  # [B, T], 0 off the completion
+                else:
+                    hidden = self.model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                                   position_ids=batch["position_ids"]).last_hidden_state
+                    per_token = self.model.score(hidden).squeeze(-1).float()  # [B, T]
+                mask = batch["loss_mask"]
+                out += [per_token[i][mask[i]].cpu().tolist() for i in range(len(part))]
             return out
         finally:
             self.model.train(was_training)

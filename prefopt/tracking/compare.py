@@ -56,10 +56,12 @@ def is_comparison(run: Run) -> bool:
 
 
 def method_of(run: Run) -> str:
-    """The series a run belongs to: its loss tag, else its algorithm tag ('dpo', 'ppo')."""
+    """The series a run belongs to: an offline run's loss ('dpo', 'simpo'), else its algorithm ('ppo')."""
     tags, params = run.data.tags, run.data.params
-    return (tags.get(TAG_LOSS) or tags.get(TAG_ALGORITHM) or params.get("algorithm.name")
-            or "unknown")
+    algorithm = tags.get(TAG_ALGORITHM)
+    if algorithm and algorithm != "offline":
+        return algorithm
+    return tags.get(TAG_LOSS) or params.get("algorithm.name") or "unknown"
 
 
 def params_of(run: Run) -> str:

@@ -261,7 +261,7 @@ def test_tiny_training_run_logs_over_http(server, tmp_path, tiny_model_dir, ray_
                             for i in range(16)))
     cfg = load_config(Path(__file__).resolve().parents[2] / "configs/tiny/dpo.yaml", [
         f"model.path={tiny_model_dir}", f"data.path={data}", "data.task=null", f"output_dir={tmp_path / 'run'}",
-        "train.max_steps=3", f"tracking.uri={server.url}", "tracking.experiment=http-training",
+        "train.max_steps=3", "train.log_steps=1", f"tracking.uri={server.url}", "tracking.experiment=http-training",
     ])
     result = train(cfg, Console(file=io.StringIO()))
     c = client(server.url)
