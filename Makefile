@@ -21,7 +21,7 @@ demo: $(STAMP)
 	DS_ACCELERATOR=cpu $(BIN)/prefopt demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check prefopt tests
+	$(BIN)/ruff check prefopt tests benchmarks
 
 test: lint
 	DS_ACCELERATOR=cpu $(BIN)/pytest -m "unit or integration" tests

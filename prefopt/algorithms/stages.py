@@ -95,22 +95,13 @@ class Inputs:
         return Path(cfg.ref.model_path) if cfg.ref.model_path else self.model_dir
 
 
-def load_model_and_tokenizer(cfg: RunConfig, console):
-    """The run's model directory (the tiny model is built once under output_dir) and its tokenizer."""
-    from transformers import AutoTokenizer
-
-    from prefopt.models import ensure_model
-
-    with console.status("model and tokenizer"):
-        model_dir = ensure_model(cfg.model, Path(cfg.output_dir))
-        return model_dir, AutoTokenizer.from_pretrained(model_dir)
-
-
 def prepare_inputs(cfg: RunConfig, console) -> Inputs:
     """The opening of every run: model, tokenizer, and the data read, validated and tokenized."""
     from prefopt.data import prepare
+    from prefopt.models import model_and_tokenizer
 
-    model_dir, tokenizer = load_model_and_tokenizer(cfg, console)
+    with console.status("model and tokenizer"):
+        model_dir, tokenizer = model_and_tokenizer(cfg.model, cfg.output_dir)
     with console.status("reading, validating and tokenizing the data"):
         data = prepare(cfg, tokenizer, Path(cfg.output_dir) / "data")
     console.print(f"data: {data.report.summary()}  [dim]fingerprint {data.fingerprint[:16]}[/]")

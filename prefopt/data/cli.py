@@ -32,8 +32,10 @@ def validate(
     from prefopt.data.report import describe_reason
 
     cfg = resolve(config, set_)
+    from prefopt.models import model_and_tokenizer
+
     with console.status("loading the tokenizer"):
-        tokenizer = _load_tokenizer(cfg)
+        _, tokenizer = model_and_tokenizer(cfg.model, cfg.output_dir)
     try:
         with console.status("reading, validating and tokenizing"):
             checked = check(cfg, tokenizer)
@@ -66,11 +68,3 @@ def validate(
         fail("no usable rows")
     verdict = "ok" if not report.problems else f"ok, {len(report.problems)} bad row(s) would be skipped"
     console.print(f"[bold green]{verdict}[/]")
-
-
-def _load_tokenizer(cfg):
-    from transformers import AutoTokenizer
-
-    from prefopt.models import ensure_model
-
-    return AutoTokenizer.from_pretrained(ensure_model(cfg.model, cfg.output_dir))

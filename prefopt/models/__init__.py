@@ -2,9 +2,9 @@
 
 import torch
 
-from prefopt.models.tiny import build_tiny_model, build_tokenizer, ensure_model, save_tiny
+from prefopt.models.tiny import build_tiny_model, build_tokenizer, ensure_model, model_and_tokenizer, save_tiny
 
-__all__ = ["DTYPES", "build_tiny_model", "build_tokenizer", "ensure_model", "save_tiny"]
+__all__ = ["DTYPES", "build_tiny_model", "build_tokenizer", "ensure_model", "model_and_tokenizer", "save_tiny"]
 
 # model.dtype names -> torch dtypes
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

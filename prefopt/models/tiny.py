@@ -122,3 +122,11 @@ def ensure_model(model_cfg: ModelConfig, output_dir: str | Path) -> Path:
     if marker.is_file() and json.loads(marker.read_text()) == model_cfg.tiny.model_dump():
         return tiny_dir
     return save_tiny(tiny_dir, model_cfg.tiny)
+
+
+def model_and_tokenizer(model_cfg: ModelConfig, output_dir: str | Path):
+    """The opening of every command that reads a run's data: (model directory, its tokenizer)."""
+    from transformers import AutoTokenizer
+
+    model_dir = ensure_model(model_cfg, output_dir)
+    return model_dir, AutoTokenizer.from_pretrained(model_dir)

@@ -50,11 +50,14 @@ def tiny_run(tmp_path, model_dir, data_path, *overrides):
                                   f"output_dir={tmp_path}", "train.save_steps=1000", *overrides])
 
 
-def test_cli_trains_with_zero3_on_two_ranks_and_exports(tmp_path, tiny_model_dir):
+def test_cli_trains_with_zero3_on_two_ranks_evaluates_along_the_way_and_exports(tmp_path, tiny_model_dir):
+    import csv
+
     out = tmp_path / "run"
+    sets = ["policy.num_workers=2", "train.max_steps=3", f"output_dir={out}", f"model.path={tiny_model_dir}",
+            "eval.every_steps=1", "eval.num_prompts=8", "eval.sampling.max_new_tokens=8", "train.lr=2e-3"]
     proc = subprocess.run(
-        [sys.executable, "-m", "prefopt", "train", str(TINY_DPO), "--set", "policy.num_workers=2",
-         "--set", "train.max_steps=3", "--set", f"output_dir={out}", "--set", f"model.path={tiny_model_dir}"],
+        [sys.executable, "-m", "prefopt", "train", str(TINY_DPO), *(a for s in sets for a in ("--set", s))],
         capture_output=True, text=True, timeout=600, env=os.environ | {"DS_ACCELERATOR": "cpu"},
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -64,6 +67,26 @@ def test_cli_trains_with_zero3_on_two_ranks_and_exports(tmp_path, tiny_model_dir
     assert metrics[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
     assert metrics[-1]["loss"] != pytest.approx(math.log(2), abs=1e-6)  # and it trained
     assert "2 rank(s), ZeRO stage 3" in proc.stdout
+
+    # One (KL, reward) point at step 0 and after every step: the run is a curve on the plane.
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    run = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])[0]
+    kl = sorted(client.get_metric_history(run.info.run_id, "eval/kl"), key=lambda m: m.step)
+    assert [m.step for m in kl] == [0, 1, 2, 3]
+    assert kl[0].value == pytest.approx(0.0, abs=1e-4)  # the policy is the reference at step 0
+    assert kl[-1].value != pytest.approx(0.0, abs=1e-4)
+    assert len(client.get_metric_history(run.info.run_id, "eval/reward")) == 4
+    compare = subprocess.run([sys.executable, "-m", "prefopt", "compare", "--experiment", "tiny",
+                              "--tracking-uri", uri, "--out", str(tmp_path / "compare")],
+                             capture_output=True, text=True, timeout=300)
+    assert compare.returncode == 0, compare.stdout[-3000:] + compare.stderr[-3000:]
+    with open(tmp_path / "compare" / "comparison.csv", newline="") as f:
+        (row,) = list(csv.DictReader(f))
+    assert row["num_evals"] == "4"
+    assert (tmp_path / "compare" / "frontier.png").read_bytes().startswith(b"\x89PNG")
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
