@@ -158,7 +158,8 @@ class EngineWorker:
         was_training = self.model.training
         self.model.eval()
         try:
-            with self._gathered_for_generation(), torch.random.fork_rng(devices=[]):
+            devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+            with self._gathered_for_generation(), torch.random.fork_rng(devices=devices):
                 torch.manual_seed(seed * 1_000_003 + self.rank)
                 return generate(self.model, self.tokenizer, prompts, **sampling)
         finally:
@@ -196,8 +197,8 @@ class EngineWorker:
                     hidden = self.model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                                    position_ids=batch["position_ids"]).last_hidden_state
                     per_token = self.model.score(hidden).squeeze(-1).float()  # [B, T]
-                mask = batch["loss_mask"]
-                out += [per_token[i][mask[i]].cpu().tolist() for i in range(len(part))]
+                per_token, mask = per_token.cpu(), batch["loss_mask"].cpu()  # one device sync per micro-batch
+                out += [per_token[i][mask[i]].tolist() for i in range(len(part))]
             return out
         finally:
             self.model.train(was_training)
@@ -207,6 +208,8 @@ class EngineWorker:
     def save_checkpoint(self, directory: str, tag: str, client_state: dict) -> None:
         self.engine.save_checkpoint(directory, tag=tag, client_state=client_state)
         rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state()
         torch.save(rng, Path(directory) / tag / f"rng_rank{self.rank}.pt")
 
     def load_checkpoint(self, directory: str, tag: str) -> dict:
@@ -215,6 +218,8 @@ class EngineWorker:
         random.setstate(rng["python"])
         np.random.set_state(rng["numpy"])
         torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
         return client_state or {}
 
     def export(self, out_dir: str) -> None:

@@ -73,9 +73,9 @@ class PolicyWorker(EngineWorker):
         return out
 
     def _reference(self, indices: list[int], live: list | None, micro: int) -> dict[str, np.ndarray] | None:
-        import ray
-
         if live is not None:
+            import ray
+
             return ray.get(live[micro])
         if self.ref_logps is not None:
             return {role: values[indices] for role, values in self.ref_logps.items()}
