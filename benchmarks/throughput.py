@@ -402,6 +402,16 @@ def main() -> None:
         precisions.append("bf16")
         bf16_line = f"bf16 rows run: the CPU has bf16 units ({env['bf16_units_why']})"
     console.print(bf16_line)
+    if not args.skip_prefopt:
+        # prefopt's runs need a local Ray instance, whose daemons (raylet, GCS, dashboard) share
+        # the CPU with whatever runs. Start it first, so every system is measured with them up:
+        # on 2 cores they cost an in-process training loop about 10% (benchmarks/profile_step.py
+        # run with and without Ray up), which would otherwise be charged to prefopt alone.
+        from prefopt.cluster.ray_setup import connect
+        from prefopt.config import ClusterConfig, RoleConfig
+
+        connect(ClusterConfig(), [RoleConfig(num_workers=2, cpus_per_worker=args.threads), RoleConfig()])
+        console.print("Ray: a local instance is up for every system's measurement")
     lr = 1e-5
     workdir = Path(tempfile.mkdtemp(prefix="prefopt-bench-"))
     tiny = TinyModelConfig(vocab_size=2048, hidden_size=args.width, intermediate_size=args.width * 3,

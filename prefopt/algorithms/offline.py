@@ -64,6 +64,9 @@ def train(cfg: RunConfig, console, *, resume: bool | None = None) -> TrainResult
 
             ref_cache = fill_reference_cache(cfg, inputs, console, start_reference)
             tags[TAG_REFCACHE_FINGERPRINT] = ref_cache.fingerprint
+            if reference is not None and not evaluating:  # its job is done: free its devices
+                reference.shutdown()
+                reference = None
         elif loss_reference:
             start_reference()
         timings["reference_seconds"] = time.perf_counter() - t0

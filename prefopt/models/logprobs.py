@@ -33,17 +33,19 @@ class _SelectedLogProbs(torch.autograd.Function):
     """log softmax(logits[p])[label_p] for the selected flat positions p, chunked.
 
     d/dlogits of logit[y] - logsumexp(logits) is onehot(y) - softmax(logits); rows that were not
-    selected get zero gradient.
+    selected get zero gradient. positions=None selects every row in order (logits already taken
+    at the completion positions): chunks are then views, and nothing is copied or zero-filled.
     """
 
     @staticmethod
-    def forward(ctx, flat_logits, positions, labels, chunk):  # [M, V], [K], [K] -> [K] fp32
+    def forward(ctx, flat_logits, positions, labels, chunk):  # [M, V], [K] or None, [K] -> [K] fp32
         # At least fp32 (bf16 logits are read chunk by chunk in fp32); fp64 stays fp64.
         dtype = torch.promote_types(flat_logits.dtype, torch.float32)
-        out = torch.empty(positions.shape[0], dtype=dtype, device=flat_logits.device)
+        k = labels.shape[0]
+        out = torch.empty(k, dtype=dtype, device=flat_logits.device)
         lse = torch.empty_like(out)
-        for s in range(0, positions.shape[0], chunk):
-            rows = flat_logits.index_select(0, positions[s : s + chunk]).to(dtype)  # [c, V]
+        for s in range(0, k, chunk):
+            rows = _rows(flat_logits, positions, s, chunk).to(dtype)  # [c, V]
             lse[s : s + chunk] = torch.logsumexp(rows, dim=-1)
             out[s : s + chunk] = rows.gather(1, labels[s : s + chunk, None]).squeeze(1) - lse[s : s + chunk]
         ctx.save_for_backward(flat_logits, positions, labels, lse)
@@ -53,15 +55,24 @@ class _SelectedLogProbs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):  # grad: [K]
         flat_logits, positions, labels, lse = ctx.saved_tensors
-        grad_logits = torch.zeros_like(flat_logits)
+        every_row = positions is None
+        grad_logits = torch.empty_like(flat_logits) if every_row else torch.zeros_like(flat_logits)
         g = grad.to(lse.dtype)
-        for s in range(0, positions.shape[0], ctx.chunk):
-            idx = positions[s : s + ctx.chunk]
-            rows = flat_logits.index_select(0, idx).to(lse.dtype)
+        for s in range(0, labels.shape[0], ctx.chunk):
+            rows = _rows(flat_logits, positions, s, ctx.chunk).to(lse.dtype)
             d = torch.exp(rows - lse[s : s + ctx.chunk, None]).mul_(-g[s : s + ctx.chunk, None])
             d.scatter_add_(1, labels[s : s + ctx.chunk, None], g[s : s + ctx.chunk, None])
-            grad_logits.index_copy_(0, idx, d.to(grad_logits.dtype))
+            if every_row:
+                grad_logits[s : s + ctx.chunk] = d
+            else:
+                grad_logits.index_copy_(0, positions[s : s + ctx.chunk], d.to(grad_logits.dtype))
         return grad_logits, None, None, None
+
+
+def _rows(flat_logits: torch.Tensor, positions: torch.Tensor | None, start: int, chunk: int) -> torch.Tensor:
+    if positions is None:
+        return flat_logits[start : start + chunk]  # a view
+    return flat_logits.index_select(0, positions[start : start + chunk])
 
 
 def selected_logps(logits: torch.Tensor, loss_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -90,8 +101,8 @@ def logps_from_logits(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> t
     (completion_logits)."""
     mask = batch["loss_mask"]
     if logits.dim() == 2:  # already at the K completion positions, in mask order
-        token = selected_logps(logits[None], torch.ones(logits.shape[:1], dtype=torch.bool,
-                                                        device=logits.device)[None], batch["labels"][mask][None])
+        chunk = max(1, CHUNK_ELEMENTS // logits.shape[-1])
+        token = _SelectedLogProbs.apply(logits, None, batch["labels"][mask], chunk)
     else:
         token = selected_logps(logits, mask, batch["labels"])  # [K]
     seq = batch["seq_index"][mask]  # [K], sequence of each completion token
