@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.syntax import Syntax
 
-from prefopt.cli_common import ConfigArg, SetOpt, console, fail, resolve
+from prefopt.cli_common import DEBUG, ConfigArg, SetOpt, console, guarded, resolve
 from prefopt.config import TinyModelConfig
 from prefopt.data.cli import data_app
 from prefopt.tracking.cli import register as register_tracking
@@ -22,6 +22,16 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Inspect run configs.", no_args_is_help=True)
 model_app = typer.Typer(help="Build and inspect models.", no_args_is_help=True)
+
+
+@app.callback()
+def main(debug: Annotated[bool, typer.Option("--debug", help="show tracebacks for every error")] = False) -> None:
+    """Exit codes: 0 done; 1 bad data rows (data validate); 2 bad config, input or path; 3 the cluster
+    cannot hold the request, or a worker failed; 4 a service (tracking) does not answer; 5 training
+    stopped by the health guard; 70 a bug (traceback in <output_dir>/prefopt-error.log); 130 interrupted."""
+    DEBUG["on"] = DEBUG["on"] or debug
+
+
 app.add_typer(config_app, name="config")
 app.add_typer(model_app, name="model")
 
@@ -59,7 +69,8 @@ def demo(
     """Run the main job on the embedded default: local everything, tiny model, built-in task."""
     from prefopt.demo import run_demo
 
-    run_demo(resolve(config or DEMO_CONFIG, set_), console)
+    cfg = resolve(config or DEMO_CONFIG, set_)
+    guarded(lambda: run_demo(cfg, console), log_dir=cfg.output_dir)
 
 
 DEMO_CONFIG = Path(__file__).parent / "demo.yaml"
@@ -77,27 +88,18 @@ def train(
 ) -> None:
     """Train a policy with an offline algorithm (DPO family, KTO, SFT) on Ray + DeepSpeed."""
     from prefopt.algorithms.offline import train as train_offline
-    from prefopt.data import DataError
 
     cfg = resolve(config, set_)
-    try:
-        train_offline(cfg, console, resume=resume)
-    except (DataError, FileNotFoundError, ValueError) as exc:  # RefCacheMismatch is a ValueError
-        fail(str(exc))
+    guarded(lambda: train_offline(cfg, console, resume=resume), log_dir=cfg.output_dir)
 
 
 @app.command("precompute-ref")
 def precompute_ref(config: ConfigArg, set_: SetOpt = None) -> None:
     """Compute the reference log-probs of the run's data once into the reusable cache (resumable)."""
     from prefopt.algorithms.precompute_ref import run
-    from prefopt.data import DataError
-    from prefopt.refcache import RefCacheMismatch
 
     cfg = resolve(config, set_)
-    try:
-        run(cfg, console)
-    except (DataError, RefCacheMismatch, FileNotFoundError) as exc:
-        fail(str(exc))
+    guarded(lambda: run(cfg, console), log_dir=cfg.output_dir)
 
 
 # Sub-commands that live beside their packages, registered last so that `prefopt --help` lists them last.

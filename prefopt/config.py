@@ -15,8 +15,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from prefopt.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A config that cannot run; the message is meant for the user, one problem per line."""
 
 
@@ -184,6 +186,16 @@ class ClusterConfig(Section):
     collective_timeout_s: int = Field(600, ge=10, description="fail a hung collective after this")
 
 
+class HealthConfig(Section):
+    """The training-health guard: stop a run that has gone wrong instead of finishing it."""
+
+    enabled: bool = True
+    max_loss_ratio: float = Field(
+        5.0, gt=1, description="stop when the loss stays above this multiple of its first step's value")
+    patience: int = Field(5, ge=1, description="... for this many steps in a row (a non-finite loss or "
+                          "gradient norm stops at once)")
+
+
 class TrainConfig(Section):
     lr: float = Field(5e-4, gt=0, le=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
@@ -197,6 +209,7 @@ class TrainConfig(Section):
         10, ge=1, description="log to MLflow every N steps (metrics.jsonl gets every step); the policy "
         "runs the steps between logging, saving and evaluation points in one call")
     save_steps: int = Field(50, ge=1)
+    health: HealthConfig = HealthConfig()
 
 
 class TrackingConfig(Section):

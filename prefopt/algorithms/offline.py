@@ -37,15 +37,15 @@ def train(cfg: RunConfig, console, *, resume: bool | None = None) -> TrainResult
     from prefopt.tracking.tracker import TAG_DATA_FINGERPRINT, TAG_REFCACHE_FINGERPRINT
 
     timings: dict[str, float] = {}
-    run = stages.open_run(cfg, resume)
-    inputs = stages.prepare_inputs(cfg, console)
-    run.check_data(inputs.data)
-    check_loss_fits_data(cfg, inputs.data, console)
-
     # The reference role answers the loss (a cache filled once, or live per micro-batch) and the
     # evaluation's KL; it never lives on a policy rank, and starts only when someone needs it.
     loss_reference = cfg.ref.mode != "none" and needs_reference(cfg.algorithm.name, **cfg.algorithm.loss_params())
     evaluating = cfg.data.task is not None
+    stages.preflight(cfg, console, with_reference=loss_reference or evaluating)
+    run = stages.open_run(cfg, resume)
+    inputs = stages.prepare_inputs(cfg, console)
+    run.check_data(inputs.data)
+    check_loss_fits_data(cfg, inputs.data, console)
     stages.connect(cfg, with_reference=loss_reference or evaluating)
     reference = None
 
@@ -105,6 +105,10 @@ def _loop(cfg: RunConfig, policy, run, evaluator, tracker, console, state: dict)
 
     t = cfg.train
     eval_every = cfg.eval.every_steps if evaluator is not None else None
+    guard = stages.HealthGuard(t.health, run)
+    # A resumed run replays the steps after its checkpoint; MLflow already holds those it logged
+    # before the kill, with the same values (resume is exact): log each step once.
+    logged_until = tracker.last_step("loss") if run.checkpoint is not None else 0
     metrics: dict[str, float] = {}
     columns = [TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                TextColumn("{task.fields[info]}")]
@@ -120,9 +124,11 @@ def _loop(cfg: RunConfig, policy, run, evaluator, tracker, console, state: dict)
             for step, metrics in enumerate(per_step, start=first + 1):
                 metrics["tokens_per_second"] = rate
                 log_file.write(json.dumps({"step": step, **metrics}) + "\n")
-                if step % t.log_steps == 0 or step == t.max_steps:
+                if (step % t.log_steps == 0 or step == t.max_steps) and step > logged_until:
                     tracker.log_metrics(metrics, step=step)
-            log_file.flush()
+                log_file.flush()
+                guard.check(step, metrics)  # before this call's checkpoint: a diverged state is never saved
+            state["first_loss"] = guard.first_loss
             done = first + count
             acc = metrics.get("rewards/accuracies")
             info = f"loss {metrics['loss']:.4f}" + (f"  acc {acc:.2f}" if acc is not None else "")
@@ -160,7 +166,7 @@ def check_loss_fits_data(cfg: RunConfig, data, console) -> None:
     name = cfg.algorithm.name
     if is_unpaired(name) != (data.kind == "unpaired"):
         want = "unpaired data (data.format: unpaired)" if is_unpaired(name) else "preference pairs"
-        raise ValueError(f"algorithm.name={name} trains on {want}; the data is {data.format}"
+        raise stages.PreflightError(f"algorithm.name={name} trains on {want}; the data is {data.format}"
                          + ("" if is_unpaired(name) else " (use data.format: unpaired with algorithm.name: kto)"))
     if name == "kto":
         # KTO's paper advises (w_d * n_d) / (w_u * n_u) in a band; check once, on the whole data set.

@@ -13,6 +13,8 @@ from pathlib import Path
 
 from prefopt.config import RunConfig
 
+_SHOWN = 10  # shards failing verification reported one line each; the rest in one line
+
 
 def cache_root(cfg: RunConfig) -> str:
     if cfg.ref.cache_dir is not None:
@@ -43,19 +45,29 @@ def open_cache(cfg: RunConfig, reference_dir: Path, tokenizer, data, parts: dict
 
 
 def fill_reference_cache(cfg: RunConfig, inputs, console, start_reference):
-    """-> a complete RefCache for this run's inputs, computing only what is missing.
+    """-> a complete, verified RefCache for this run's inputs, computing only what is missing:
+    absent shards, and shards that fail verification (truncated, changed, without a checksum),
+    each reported in one line.
 
     start_reference() gives the reference group, called only on a miss (or a partial cache)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from prefopt.refcache import RefCache
+    from prefopt.refcache import ABSENT, RefCache
     from prefopt.workers.reference import fill_cache
 
     data, reference_dir = inputs.data, inputs.reference_dir(cfg)
     parts = cache_parts(cfg, reference_dir, inputs.tokenizer, data)
     nearest = RefCache.nearest(cache_root(cfg), parts)  # before open: open creates this cache
     cache = open_cache(cfg, reference_dir, inputs.tokenizer, data, parts)
-    missing = cache.missing_shards()
+    problems = cache.check()
+    missing = list(problems)
+    bad = [(shard, why) for shard, why in problems.items() if why != ABSENT]
+    for shard, why in bad[:_SHOWN]:
+        console.print(f"reference cache {cache.uri}: {shard.file_name} (rows {shard.start}..{shard.stop - 1}): "
+                      f"{why}; recomputing it", markup=False, highlight=False)
+    if len(bad) > _SHOWN:  # a cache of the previous version: every shard, no need for every line
+        console.print(f"reference cache {cache.uri}: {len(bad) - _SHOWN} more shards fail verification; "
+                      "recomputing them", markup=False, highlight=False)
     if not missing:
         console.print(f"reference cache hit: {cache.uri}")
         return cache
@@ -78,12 +90,13 @@ def fill_reference_cache(cfg: RunConfig, inputs, console, start_reference):
             progress.update(task, rate=f"{done / max(time.perf_counter() - start, 1e-9):.0f}")
 
         fill_cache(group, cache, on_shard=advance)
+    cache.verify()  # what was just written, read back: "complete" means every shard verifies
     return cache
 
 
 def precompute(cfg: RunConfig, reference_dir: Path, tokenizer, data, console):
-    """-> a complete RefCache of `data` under the reference at `reference_dir`, on a reference
-    group of its own (started only when something is missing)."""
+    """-> a complete RefCache of `data` under the reference at `reference_dir`, every shard
+    verified, on a reference group of its own (started only when something is missing)."""
     from prefopt.algorithms import stages
 
     inputs = stages.Inputs(Path(reference_dir), tokenizer, data)
@@ -109,6 +122,7 @@ def run(cfg: RunConfig, console) -> None:
     if not needs_reference(cfg.algorithm.name, **cfg.algorithm.loss_params()):
         console.print(f"algorithm {cfg.algorithm.name} needs no reference model: nothing to precompute")
         return
+    stages.preflight(cfg, console, with_reference=True, tracking=False)
     inputs = stages.prepare_inputs(cfg, console)
     cache = precompute(cfg, inputs.reference_dir(cfg), inputs.tokenizer, inputs.data, console)
     console.print(f"reference cache complete: {cache.uri} ({inputs.data.num_rows} rows, roles "

@@ -1,5 +1,6 @@
 """The stages every controller is built from, each once.
 
+    preflight(cfg, console, ...)                   seconds-long checks before anything starts
     run = open_run(cfg, resume)                    output_dir, the newest complete checkpoint
     inputs = prepare_inputs(cfg, console)          model dir, tokenizer, tokenized data
     connect(cfg)                                   local Ray, or the cluster at cluster.address
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prefopt.config import RunConfig
+from prefopt.errors import DIVERGED, UserError
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
@@ -48,7 +50,7 @@ class Run:
             return
         tag, state = self.checkpoint
         if state.get("data_fingerprint") not in (None, data.fingerprint):
-            raise ValueError(f"{self.output_dir / CHECKPOINTS / tag}: the checkpoint was trained on other "
+            raise PreflightError(f"{self.output_dir / CHECKPOINTS / tag}: the checkpoint was trained on other "
                              f"data (fingerprint {state['data_fingerprint'][:16]}, now {data.fingerprint[:16]}); "
                              "use --fresh or another output_dir")
 
@@ -108,11 +110,68 @@ def prepare_inputs(cfg: RunConfig, console) -> Inputs:
     return Inputs(model_dir, tokenizer, data)
 
 
-def connect(cfg: RunConfig, with_reference: bool) -> None:
-    from prefopt.cluster.ray_setup import connect as ray_connect
+class PreflightError(UserError, ValueError):
+    """A run that cannot start here; the message names the config field to change."""
 
-    roles = [cfg.policy] + ([cfg.reference] if with_reference else [])
-    ray_connect(cfg.cluster, roles)
+
+def _roles(cfg: RunConfig, with_reference: bool) -> list[tuple[str, str, object]]:
+    """(name in messages, config section, role config) of the roles a run starts."""
+    return [("policy", "policy", cfg.policy)] + ([("reference", "ref", cfg.reference)] if with_reference else [])
+
+
+def preflight(cfg: RunConfig, console, *, with_reference: bool, tracking: bool = True) -> None:
+    """What can be checked in seconds, before Ray, data or caches: paths that must exist, the
+    dtype on the device, the tracking store, and, for a local instance, whether this machine has
+    what the roles ask for (a remote cluster is checked on connect)."""
+    import os
+
+    from prefopt.cluster.worker_group import check_fits
+
+    for field, path in (("model.path", cfg.model.path), ("ref.model_path", cfg.ref.model_path)):
+        if path is not None and not (Path(path) / "config.json").is_file():
+            raise PreflightError(f"{field}: {path} is not a Hugging Face model directory (no config.json)")
+    if cfg.data.path is not None and not Path(cfg.data.path).exists() and "://" not in cfg.data.path:
+        raise PreflightError(f"data.path: {cfg.data.path} does not exist")
+    gpu_roles = [key for _, key, role in _roles(cfg, with_reference) if role.gpus_per_worker]
+    if cfg.model.dtype == "float16" and len(gpu_roles) < len(_roles(cfg, with_reference)):
+        raise PreflightError("model.dtype: float16 needs GPUs (DeepSpeed's fp16 mode does not run on CPU ranks); "
+                             "use float32 or bfloat16, or give every role gpus_per_worker")
+    if tracking:
+        from prefopt.tracking.store import check_reachable
+
+        check_reachable(cfg)
+    if cfg.cluster.address is None:
+        import torch
+
+        cores = os.cpu_count() or 1
+        # A local instance shares this machine's cores out as logical CPUs (see ray_setup), so
+        # only a single rank asking for more cores than exist is impossible; GPUs are counted.
+        here = {"CPU": float("inf"), "GPU": float(torch.cuda.device_count())}
+        for name, key, role in _roles(cfg, with_reference):
+            if role.cpus_per_worker > cores:
+                raise PreflightError(f"{name}: {key}.cpus_per_worker={role.cpus_per_worker:g} but this machine "
+                                     f"has {cores} cores; lower {key}.cpus_per_worker")
+            check_fits(name, key, role, nodes=[here])
+        # Ranks that compute at the same time: the policy's, and a live reference's.
+        busy = cfg.policy.num_workers * cfg.policy.cpus_per_worker
+        if with_reference and cfg.ref.mode == "live":
+            busy += cfg.reference.num_workers * cfg.reference.cpus_per_worker
+        if busy > cores:
+            console.print(f"[yellow]warning:[/] the ranks that compute together ask for {busy:g} CPUs and this "
+                          f"machine has {cores}: they will share cores and each run slower (lower "
+                          "policy.num_workers or policy.cpus_per_worker)")
+
+
+def connect(cfg: RunConfig, with_reference: bool) -> None:
+    """Start a local Ray or join cluster.address; a remote cluster is checked against the roles."""
+    from prefopt.cluster.ray_setup import connect as ray_connect
+    from prefopt.cluster.worker_group import check_fits
+
+    roles = _roles(cfg, with_reference)
+    ray_connect(cfg.cluster, [role for _, _, role in roles])
+    if cfg.cluster.address is not None:
+        for name, key, role in roles:
+            check_fits(name, key, role)
 
 
 def start_reference(cfg: RunConfig, inputs: Inputs, console):
@@ -171,6 +230,62 @@ def intervals(start: int, end: int, every: list[int | None]) -> list[tuple[int, 
         out.append((at, cut - at))
         at = cut
     return out
+
+
+class TrainingDiverged(UserError):
+    """The health guard stopped the run; the message names the last good checkpoint."""
+
+    exit_code = DIVERGED
+
+
+class HealthGuard:
+    """Stops a run whose loss or gradients went non-finite, or whose loss stayed above
+    `max_loss_ratio` times its first step's value for `patience` steps (train.health).
+
+    `check` runs on each step's metrics before the step's checkpoint is written, so a diverged
+    state is never saved; `first_loss` travels in the checkpoint state, so a resumed run keeps
+    the same yardstick."""
+
+    def __init__(self, health, run: Run):
+        self.health, self.run = health, run
+        self.first_loss: float | None = run.checkpoint[1].get("first_loss") if run.checkpoint else None
+        self.streak_start: int | None = None  # first step of the current run of high losses
+
+    def check(self, step: int, metrics: dict[str, float]) -> None:
+        import math
+
+        if not self.health.enabled:
+            return
+        loss, grad_norm = metrics.get("loss", 0.0), metrics.get("grad_norm", 0.0)
+        if self.first_loss is None:
+            self.first_loss = loss
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            self._stop(step, step, f"the loss ({loss}) or the gradient norm ({grad_norm}) is not finite")
+        limit = self.health.max_loss_ratio * abs(self.first_loss)
+        if loss <= limit or self.first_loss <= 0:
+            self.streak_start = None
+            return
+        self.streak_start = step if self.streak_start is None else self.streak_start
+        if step - self.streak_start + 1 >= self.health.patience:
+            self._stop(step, self.streak_start,
+                       f"the loss ({loss:.4g}) has stayed above {self.health.max_loss_ratio:g} x its first value "
+                       f"({self.first_loss:.4g}) for {self.health.patience} steps (train.health.max_loss_ratio, "
+                       "train.health.patience)")
+
+    def _stop(self, step: int, since: int, what: str) -> None:
+        good = [(s, tag) for s, tag in self._checkpoints() if s < since]
+        last = (f"the last good checkpoint is {self.run.output_dir / CHECKPOINTS / good[-1][1]} (step {good[-1][0]}): "
+                "lower train.lr or set policy.deepspeed.gradient_clipping, then train again with --resume"
+                if good else "no checkpoint was saved before it: lower train.lr or set "
+                "policy.deepspeed.gradient_clipping and start again")
+        raise TrainingDiverged(f"training stopped by the health guard at step {step}: {what}; {last} "
+                               "(train.health.enabled: false turns the guard off)")
+
+    def _checkpoints(self) -> list[tuple[int, str]]:
+        found = []
+        for state_file in (self.run.output_dir / CHECKPOINTS).glob(f"step*/{STATE_FILE}"):
+            found.append((json.loads(state_file.read_text())["step"], state_file.parent.name))
+        return sorted(found)
 
 
 def save_checkpoint(group, run: Run, step: int, state: dict) -> None:

@@ -20,10 +20,13 @@ import socket
 from typing import Any
 
 from prefopt.config import ClusterConfig, RoleConfig
+from prefopt.errors import CLUSTER, UserError
 
 
-class ClusterError(RuntimeError):
+class ClusterError(UserError, RuntimeError):
     """The cluster cannot give what the config asks for, or a rank failed."""
+
+    exit_code = CLUSTER
 
 
 def free_port() -> int:
@@ -39,13 +42,19 @@ def bundle_of(role: RoleConfig) -> dict[str, float]:
     return bundle
 
 
-def check_fits(name: str, key: str, role: RoleConfig) -> None:
-    """Fail now, naming the config keys, when no placement could ever hold the role's ranks:
-    a resource no node has, a bundle larger than every node, or more than the whole cluster."""
+def cluster_nodes() -> list[dict[str, float]]:
+    """The resources of each live node of the connected Ray cluster."""
     import ray
 
+    return [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+
+
+def check_fits(name: str, key: str, role: RoleConfig, nodes: list[dict[str, float]] | None = None) -> None:
+    """Fail now, naming the config keys, when no placement could ever hold the role's ranks:
+    a resource no node has, a bundle larger than every node, or more than the whole cluster.
+    nodes: each node's resources (default: the connected Ray cluster's)."""
     bundle = bundle_of(role)
-    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    nodes = cluster_nodes() if nodes is None else nodes
     total = {r: sum(n.get(r, 0.0) for n in nodes) for r in bundle}
     for resource, amount in bundle.items():
         field = f"{key}.{'gpus' if resource == 'GPU' else 'cpus'}_per_worker"
@@ -133,12 +142,27 @@ class WorkerGroup:
         return refs
 
     def wait(self, refs: list, method: str) -> list:
+        """The results of one call on every rank. The first rank to fail ends the wait at once
+        (the others may be stuck in a collective, waiting for it), and its error arrives as the
+        worker's own: a user error as itself, anything else named by group, rank and method."""
         import ray
 
-        try:
-            return ray.get(refs)
-        except ray.exceptions.RayActorError as exc:
-            raise ClusterError(f"{self.name}: a worker died during {method}: {exc}") from exc
+        pending = list(refs)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            try:
+                ray.get(ready[0])
+            except ray.exceptions.RayTaskError as exc:
+                cause = exc.cause
+                if isinstance(cause, UserError):
+                    raise cause from None
+                raise ClusterError(f"{self.name}: rank {refs.index(ready[0])} failed in {method}: "
+                                   f"{type(cause).__name__}: {cause}") from exc
+            except ray.exceptions.RayActorError as exc:
+                raise ClusterError(f"{self.name}: rank {refs.index(ready[0])} died during {method} (out of "
+                                   f"memory, killed, or its node was lost): {str(exc).splitlines()[0]}"
+                                   ) from exc
+        return ray.get(refs)
 
     def split(self, method: str, items: list, *args: Any, **kwargs: Any) -> list:
         """Run `method(chunk, *args, **kwargs)` on every rank with its share of `items`; the

@@ -5,6 +5,7 @@ rows as (row number, dict) with 1-based row numbers counted the way a user would
 again: the line of a JSONL file, the data row of a CSV (header not counted), the row of a
 Parquet file or dataset split. Values are kept exactly as read; judging them is validate.py's
 job, so that a bad value becomes a message naming its row and field rather than a parse error.
+Text must be UTF-8: a line or value that is not is a bad row (not_utf8), never a crash.
 
 `data.path` may be
 - `*.jsonl` / `*.json` (JSON Lines, or one JSON array of objects), `*.parquet`, `*.csv`, `*.tsv`;
@@ -15,6 +16,7 @@ With `data.path` null, `data.task` names a built-in task (prefopt.tasks).
 
 from __future__ import annotations
 
+import codecs
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +41,13 @@ def read_source(cfg: DataConfig) -> Source:
     else:
         source = _read_path(cfg)
     if cfg.num_examples is not None:
-        source.rows = source.rows[: cfg.num_examples]
+        # The first N rows of the source, good or bad: a line that could not be parsed counts,
+        # and one further down is not reported.
+        numbers = sorted([n for n, _ in source.rows] + [p.row for p in source.problems])
+        if len(numbers) > cfg.num_examples:
+            last = numbers[cfg.num_examples - 1]
+            source.rows = [(n, row) for n, row in source.rows if n <= last]
+            source.problems = [p for p in source.problems if p.row <= last]
     return source
 
 
@@ -73,21 +81,55 @@ def _columns_of(rows: list[tuple[int, dict]]) -> list[str]:
     return list(seen)
 
 
+def _not_utf8_message(exc: UnicodeDecodeError, position: str) -> str:
+    """What a UnicodeDecodeError means to a user: which bytes, where ("column 12"), and a fix."""
+    raw, start = exc.object, exc.start
+    bad = " ".join(f"0x{b:02x}" for b in raw[start : exc.end])
+    before = raw[:start].decode("utf-8")  # valid: decoding stopped at the first bad byte
+    after = raw[start:].decode("utf-8", errors="replace")
+    near = before[-20:] + after[:20]
+    return (f"not UTF-8: {'byte' if exc.end - start == 1 else 'bytes'} {bad} at {position} "
+            f"{len(before) + 1}, near {near!r}; save the data as UTF-8 (it may be in another "
+            "encoding, such as Windows-1252), or fix that character")
+
+
+def _refuse_utf16(path: Path) -> None:
+    # Windows tools (PowerShell's `>`) write UTF-16; every line would be a bad row otherwise.
+    with path.open("rb") as f:
+        head = f.read(2)
+    if head in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE):
+        raise DataError(f"{path}: the file is UTF-16 (it starts with a UTF-16 byte order mark); "
+                        "save it as UTF-8")
+
+
 def _read_json(path: Path) -> Source:
-    text = path.read_text(encoding="utf-8")
-    rows: list[tuple[int, dict]] = []
+    _refuse_utf16(path)
+    # A UTF-8 byte order mark (some Windows editors write one) would make line 1 invalid JSON.
+    data = path.read_bytes().removeprefix(codecs.BOM_UTF8)
+    lines: list[tuple[int, str]] = []
     problems = []
-    if text.lstrip().startswith("["):
-        # One JSON array of objects: a syntax error here has no row to blame, so it is fatal.
+    # Split the bytes at \n, \r\n or \r only: str.splitlines would also split at U+2028 and
+    # other characters that a JSON string may hold, and miscount the lines after them.
+    for number, raw in enumerate(data.splitlines(), start=1):
         try:
-            items = json.loads(text)
+            lines.append((number, raw.decode("utf-8")))
+        except UnicodeDecodeError as exc:
+            problems.append(Problem(str(path), number, None, "not_utf8",
+                                    _not_utf8_message(exc, "column"), row_word="line"))
+    rows: list[tuple[int, dict]] = []
+    if data.lstrip().startswith(b"["):
+        # One JSON array of objects: an error here has no row to blame, so it is fatal.
+        if problems:
+            raise DataError(str(problems[0]))
+        try:
+            items = json.loads("\n".join(line for _, line in lines))
         except json.JSONDecodeError as exc:
             raise DataError(f"{path}: not valid JSON: {exc}") from None
         numbered = list(enumerate(items, start=1))
         word = "row"
     else:
         numbered = []
-        for number, line in enumerate(text.splitlines(), start=1):
+        for number, line in lines:
             if not line.strip():
                 continue
             try:
@@ -107,13 +149,39 @@ def _read_json(path: Path) -> Source:
 
 
 def _from_table(name: str, table) -> Source:
-    rows = list(enumerate(table.to_pylist(), start=1))
-    return Source(name, list(table.column_names), rows)
+    """The rows of an Arrow table; a string that is not UTF-8 makes its row a bad row.
+
+    Arrow does not always check: pyarrow writes such strings to Parquet, datasets' JSON loader
+    keeps them, and the CSV reader here is told not to check, so that the row can be named.
+    """
+    try:
+        rows = list(enumerate(table.to_pylist(), start=1))
+        return Source(name, list(table.column_names), rows)
+    except UnicodeDecodeError:
+        pass  # slow path, only for data holding such a string: find its rows, cell by cell
+    values, problems = {}, {}
+    for column in table.column_names:
+        try:
+            values[column] = table.column(column).to_pylist()
+            continue
+        except UnicodeDecodeError:
+            pass
+        values[column] = []
+        for i, cell in enumerate(table.column(column)):
+            try:
+                values[column].append(cell.as_py())
+            except UnicodeDecodeError as exc:
+                values[column].append(None)
+                problems.setdefault(i + 1, Problem(name, i + 1, column, "not_utf8",
+                                                   _not_utf8_message(exc, "character")))
+    rows = [(i + 1, {c: values[c][i] for c in table.column_names})
+            for i in range(table.num_rows) if i + 1 not in problems]
+    return Source(name, list(table.column_names), rows, sorted(problems.values(), key=lambda p: p.row))
 
 
 def _from_dataset(name: str, dataset) -> Source:
-    # to_list() honours a dataset's indices mapping (select/shuffle), unlike its raw table.
-    return Source(name, list(dataset.column_names), list(enumerate(dataset.to_list(), start=1)))
+    # The Arrow view honours a dataset's indices mapping (select/shuffle), unlike its raw table.
+    return _from_table(name, dataset.with_format("arrow")[:])
 
 
 def _read_parquet(path: Path) -> Source:
@@ -130,13 +198,21 @@ def _read_csv(path: Path, delimiter: str) -> Source:
     import pyarrow as pa
     import pyarrow.csv as pacsv
 
+    _refuse_utf16(path)
     parse = pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True)
     try:
-        # Every column as text: a CSV has no types, and "5" is a string the user wrote.
         names = pacsv.open_csv(path, parse_options=parse).schema.names
-        convert = pacsv.ConvertOptions(
-            column_types={n: pa.string() for n in names}, strings_can_be_null=False
-        )
+    except UnicodeDecodeError as exc:
+        message = _not_utf8_message(exc, "character")
+        raise DataError(f"{path}: a column name in the header is {message}") from None
+    except pa.ArrowInvalid as exc:
+        raise DataError(f"{path}: cannot read as CSV: {exc}") from None
+    # Every column as text: a CSV has no types, and "5" is a string the user wrote. UTF-8 is
+    # checked per value (_from_table), so that a bad byte names its row rather than the file.
+    convert = pacsv.ConvertOptions(
+        column_types={n: pa.string() for n in names}, strings_can_be_null=False, check_utf8=False
+    )
+    try:
         table = pacsv.read_csv(path, parse_options=parse, convert_options=convert)
     except pa.ArrowInvalid as exc:
         raise DataError(f"{path}: cannot read as CSV: {exc}") from None
@@ -167,8 +243,11 @@ def _read_with_datasets(path: str, split: str) -> Source:
 
     try:
         dataset = datasets.load_dataset(path, split=split)
-    except ValueError as exc:  # e.g. an unknown split, or no data files found
-        raise DataError(f"data.path: {path}: datasets.load_dataset failed: {exc}") from None
+    except (ValueError, datasets.exceptions.DatasetsError) as exc:
+        # e.g. an unknown split, no data files, or a file its builder cannot parse (a CSV with
+        # a byte that is not UTF-8): the cause is what a user can act on.
+        cause = f" ({exc.__cause__})" if exc.__cause__ else ""
+        raise DataError(f"data.path: {path}: datasets.load_dataset failed: {exc}{cause}") from None
     return _from_dataset(f"dataset {path} (split {split})", dataset)
 
 

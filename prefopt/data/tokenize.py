@@ -54,12 +54,17 @@ def _render(example: Example, spec: FormatSpec, tokenizer, eos: str) -> tuple[st
     """(prompt text, completion texts) for one example."""
     if not spec.messages:
         return example.prompt, list(example.completions)
-    try:
-        prompt = tokenizer.apply_chat_template(example.prompt, tokenize=False, add_generation_prompt=True)
-        fulls = [tokenizer.apply_chat_template(example.prompt + c, tokenize=False)
-                 for c in example.completions]
-    except Exception as exc:  # jinja2 errors, raise_exception() in templates, ...
-        raise BadRow("prompt", "template_error", f"the chat template failed: {exc}") from None
+
+    # Rendered one at a time, so that an error names the field whose messages it failed on.
+    def render(field: str, messages: list[dict], **kwargs) -> str:
+        try:
+            return tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+        except Exception as exc:  # jinja2 errors, raise_exception() in templates, ...
+            raise BadRow(field, "template_error", f"the chat template failed: {exc}") from None
+
+    prompt = render("prompt", example.prompt, add_generation_prompt=True)
+    fulls = [render(name, example.prompt + messages)
+             for name, messages in zip(spec.completions, example.completions, strict=True)]
     completions = []
     for name, full in zip(spec.completions, fulls, strict=True):
         if not full.startswith(prompt):
@@ -72,6 +77,23 @@ def _render(example: Example, spec: FormatSpec, tokenizer, eos: str) -> tuple[st
             text = text[: end + len(eos)]  # drop a template's newline after the turn's EOS
         completions.append(text)
     return prompt, completions
+
+
+def _identical_after_truncation(fulls: list[list[int]], budget: int, prompt_tokens: int,
+                                max_length: int) -> BadRow:
+    """The bad row for a pair whose tokens are equal once cut, naming what to change."""
+    chosen, rejected = fulls
+    if chosen == rejected:  # equal before any cut: texts that differ only in a trailing EOS, say
+        return BadRow("chosen", "identical_after_truncation",
+                      "same tokens as 'rejected' once tokenized (trailing EOS tokens are "
+                      "replaced by one)")
+    # Both rows are fine; data.max_length is what makes them equal, so no field is named.
+    differ = next(i for i, (a, b) in enumerate(zip(chosen, rejected, strict=False)) if a != b)
+    return BadRow(None, "identical_after_truncation",
+                  f"chosen and rejected have the same first {budget} tokens, all that "
+                  f"data.max_length={max_length} leaves after the {prompt_tokens}-token prompt; "
+                  f"they differ from token {differ + 1}: raise data.max_length to at least "
+                  f"{prompt_tokens + differ + 1}, or skip such rows")
 
 
 def encode(examples: list[Example], spec: FormatSpec, source: Source, tokenizer, *,
@@ -122,7 +144,7 @@ def encode(examples: list[Example], spec: FormatSpec, source: Source, tokenizer,
                              f"data.max_length={max_length} (prompts are never cut; raise both, "
                              "or skip such rows)")
             budget = max_length - len(prompt)
-            outs, cut = [], []
+            fulls, outs, cut = [], [], []
             for name, ids_by_row in zip(names, completion_ids, strict=True):
                 ids = list(ids_by_row[j])
                 while ids and ids[-1] == eos_id:
@@ -132,12 +154,11 @@ def encode(examples: list[Example], spec: FormatSpec, source: Source, tokenizer,
                                  f"contains the EOS token {tokenizer.eos_token!r} before its end "
                                  "(the model would learn to stop there)")
                 ids.append(eos_id)
+                fulls.append(ids)
                 cut.append(len(ids) > budget)
                 outs.append(ids[:budget])
             if spec.kind == "pair" and outs[0] == outs[1]:
-                raise BadRow("chosen", "identical_after_truncation",
-                             f"chosen and rejected have the same tokens once cut to data.max_length="
-                             f"{max_length} ({len(prompt)} prompt tokens)")
+                raise _identical_after_truncation(fulls, budget, len(prompt), max_length)
         except BadRow as bad:
             problems.append(Problem(source.name, ex.row, bad.field, bad.reason, bad.message, source.row_word))
             continue

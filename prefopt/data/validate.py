@@ -22,6 +22,7 @@ ROLES = ("system", "user", "assistant")
 
 REASONS = {
     "bad_json": "a line that is not a JSON object",
+    "not_utf8": "a line or value that is not UTF-8 text (another encoding, or half a surrogate pair)",
     "missing_value": "a null or absent value",
     "not_string": "a value that should be a string is not",
     "not_messages": "a value that should be a list of {role, content} messages is not",
@@ -70,6 +71,16 @@ def _check_text(value, field: str) -> str:
         raise BadRow(field, "not_string", f"expected a string, got {_describe(value)}")
     if not value.strip():
         raise BadRow(field, "empty", "empty text")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        # JSON may escape a lone surrogate ("\ud83d", half an emoji cut in two): json.loads
+        # accepts it, the tokenizer does not.
+        raise BadRow(
+            field, "not_utf8",
+            f"holds {value[exc.start]!r} at character {exc.start + 1}: half of a UTF-16 surrogate "
+            "pair, which is not text (a character cut in two); remove it or write the whole character",
+        ) from None
     return value
 
 
@@ -102,28 +113,35 @@ def _check_messages(value, field: str) -> list[dict]:
 
 
 def _check_prompt_turns(messages: list[dict], field: str) -> None:
+    # Names the message, not its role: the fix is to remove it (or move it), not to relabel it.
     if messages[-1]["role"] == "assistant":
         raise BadRow(
-            f"{field}[{len(messages) - 1}].role", "prompt_ends_with_assistant",
+            f"{field}[{len(messages) - 1}]", "prompt_ends_with_assistant",
             "the prompt ends with an assistant message; the completion must be the next turn",
         )
 
 
 def _check_ends_with_assistant(messages: list[dict], field: str) -> None:
+    # A whole transcript (implicit prompt): most often its reply is missing, so this names the
+    # transcript rather than the role of its last message.
     if messages[-1]["role"] != "assistant":
         raise BadRow(
-            f"{field}[{len(messages) - 1}].role", "not_assistant_last",
+            field, "not_assistant_last",
             f"the conversation ends with a {messages[-1]['role']!r} message, not the assistant's",
         )
 
 
 def _check_completion_turns(messages: list[dict], field: str) -> None:
-    _check_ends_with_assistant(messages, field)
     if len(messages) != 1:
         roles = ", ".join(m["role"] for m in messages)
         raise BadRow(
             field, "completion_turns",
             f"a completion is one assistant message; got {len(messages)} ({roles})",
+        )
+    if messages[0]["role"] != "assistant":
+        raise BadRow(
+            f"{field}[0].role", "not_assistant_last",
+            f"the completion is a {messages[0]['role']!r} message, not the assistant's",
         )
 
 
@@ -141,6 +159,13 @@ def _check_label(value) -> bool:
 
 def _split_text_transcripts(chosen: str, rejected: str, marker: str) -> tuple[str, str, str]:
     """Anthropic-HH style: the prompt is the shared prefix up to its last assistant marker."""
+    for field, text in (("chosen", chosen), ("rejected", rejected)):
+        if marker not in text:
+            raise BadRow(
+                field, "no_shared_prompt",
+                f"no data.assistant_marker {marker!r} in it (the text before each assistant "
+                "turn; set data.assistant_marker to the one this data uses)",
+            )
     shared = os.path.commonprefix([chosen, rejected])
     end = shared.rfind(marker)
     if end < 0:
@@ -168,14 +193,23 @@ def _split_message_transcripts(chosen: list[dict], rejected: list[dict]):
         shared += 1
     if shared == 0:
         raise BadRow("chosen", "no_shared_prompt",
-                           "chosen and rejected do not start with the same message")
-    prompt = chosen[:shared]
-    _check_prompt_turns(prompt, "chosen")
-    for field, messages in (("chosen", chosen[shared:]), ("rejected", rejected[shared:])):
+                     "chosen and rejected do not start with the same message")
+    rests = {"chosen": chosen[shared:], "rejected": rejected[shared:]}
+    # First the transcript that goes on past the point where the two differ: the fix is there
+    # (the shared prompt would otherwise end with an assistant message, and be blamed instead).
+    for field, messages in rests.items():
+        if len(messages) > 1:
+            raise BadRow(
+                f"{field}[{shared}]", "completion_turns",
+                "chosen and rejected first differ here, before their last assistant turn, so "
+                f"the completion would be {len(messages)} messages rather than one",
+            )
+    for field, messages in rests.items():
         if not messages:
             raise BadRow(field, "empty", "nothing after the shared prompt")
-        _check_completion_turns(messages, field)
-    return prompt, chosen[shared:], rejected[shared:]
+    prompt = chosen[:shared]
+    _check_prompt_turns(prompt, "chosen")  # two assistant messages in a row
+    return prompt, rests["chosen"], rests["rejected"]
 
 
 def _check_row(row: dict, spec: FormatSpec, marker: str, number: int) -> Example:

@@ -28,17 +28,20 @@ RefCache.nearest(root, parts) -> (uri, differing part names) | None: the cache u
 differs least, for a "miss because <part> changed" message.
 
 Attributes: fingerprint, uri, parts, num_rows, roles, shard_rows, manifest. Methods: shards(),
-missing_shards(), is_complete(), write_shard(shard, values), read() (RefCacheIncomplete, naming
-the missing shards, if any is missing).
+check() ({shard: why} for every shard to (re)compute: ABSENT, or what failed verification: a
+truncated or unreadable file, values that no longer match the checksum in its footer, no
+checksum), missing_shards() (the shards of check()), is_complete(), verify() (RefCacheIncomplete
+unless every shard verifies), write_shard(shard, values), read() (verifies each shard as it reads
+it; RefCacheIncomplete, naming each absent or failing shard, if any).
 
 Modules: fingerprint (parts, weights hash and its cost), store (layout, atomic shard writes and
-why they are atomic on object stores too).
+why they are atomic on object stores too, checksums and what verification costs).
 """
 
 from prefopt.refcache.fingerprint import PART_NAMES, fingerprint_parts, weights_fingerprint
-from prefopt.refcache.store import RefCache, RefCacheIncomplete, RefCacheMismatch, Shard
+from prefopt.refcache.store import ABSENT, RefCache, RefCacheIncomplete, RefCacheMismatch, Shard
 
 __all__ = [
-    "PART_NAMES", "RefCache", "RefCacheIncomplete", "RefCacheMismatch", "Shard", "fingerprint_parts",
+    "ABSENT", "PART_NAMES", "RefCache", "RefCacheIncomplete", "RefCacheMismatch", "Shard", "fingerprint_parts",
     "weights_fingerprint",
 ]

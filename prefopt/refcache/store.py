@@ -6,8 +6,9 @@ Layout of one cache, `<root>/<fingerprint[:16]>/`:
     shard-000001.parquet                rows [shard_rows, 2 * shard_rows), ...
     .shard-000001.parquet.<uuid>.tmp    a write in progress, or left by a crash: never read
 
-A shard is present if and only if a file with its final name exists; presence comes from
-listing the directory, never from the manifest, so nothing needs updating after a shard.
+A shard is written if and only if a file with its final name exists and verifies (below);
+presence comes from listing the directory, never from the manifest, so nothing needs updating
+after a shard.
 
 Why a final name always holds a complete shard:
   1. A final name is only ever created by `fs.move(tmp, final)`, called after `pq.write_table`
@@ -25,15 +26,30 @@ Why a final name always holds a complete shard:
   5. Readers still check every shard's footer (fingerprint, rows it covers, row count, columns):
      a file copied in from another cache is an error, not data.
 Temporary names start with "." so that pyarrow.dataset, Spark and Hive also skip them.
+
+Why a shard changed after it was written is never used (verification):
+  Each shard's footer also holds `values_sha256`, a sha256 of its values (per role, in order:
+  the role name, then its float32 little-endian bytes). A shard verifies when it parses as
+  Parquet, its footer names this cache and these rows, it has the rows and float32 columns
+  expected, and its values hash to the recorded checksum. A truncated file fails the parse (a
+  Parquet footer is at the end of the file); changed values that still parse fail the checksum;
+  a shard without a checksum (written before checksums existed) cannot be verified. A shard
+  that fails is treated as missing: `check()` says why in one line per shard, `missing_shards()`
+  includes it so that it is recomputed (overwritten), and `read()` refuses the cache.
+  Verifying reads every shard once (a few bytes per row, read with a few threads, since an
+  object store answers each read in tens of milliseconds): `check()` on the controller when
+  it decides what to compute, and `read()` on each rank as it reads the values anyway.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
@@ -43,15 +59,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pyarrow import fs as pafs
 
+from prefopt.errors import UserError
 from prefopt.refcache.fingerprint import CACHE_VERSION, check_parts, combine, differing
 
 MANIFEST = "manifest.json"
 VALUES_DTYPE = "float32"
 _SHARD_FILE = re.compile(r"^shard-(\d{6,})\.parquet$")
 _FOOTER_KEY = b"prefopt.refcache"  # Parquet key-value metadata: which cache and rows a shard holds
+ABSENT = "absent"  # check()'s reason for a shard that has no file yet
+# Shards read at once while verifying: object stores answer each read in tens of ms, and a
+# cache of millions of rows has hundreds of shards.
+_READERS = 8
 
 
-class RefCacheMismatch(ValueError):
+class RefCacheMismatch(UserError, ValueError):
     """A cache exists where one was asked for, but for other inputs. `differing`: part names."""
 
     def __init__(self, message: str, differing: list[str] | None = None):
@@ -59,8 +80,8 @@ class RefCacheMismatch(ValueError):
         self.differing = differing or []
 
 
-class RefCacheIncomplete(RuntimeError):
-    """read() of a cache that still has shards to compute."""
+class RefCacheIncomplete(UserError, RuntimeError):
+    """read() of a cache that still has shards to compute: absent, or failing verification."""
 
 
 @dataclass(frozen=True)
@@ -163,17 +184,25 @@ class RefCache:
         """Every shard, in row order; together they cover [0, num_rows)."""
         return _plan(self.num_rows, self.shard_rows)
 
+    def check(self) -> dict[Shard, str]:
+        """Every shard to (re)compute, in row order, with why: ABSENT, or what failed verification
+        (one line, e.g. "checksum mismatch: its values changed after it was written").
+
+        Reads every present shard once (see "verification" in the module docstring)."""
+        return {shard: why for shard, (_, why) in self._load_all(keep=False).items() if why is not None}
+
     def missing_shards(self) -> list[Shard]:
-        """Shards without a complete file (one listing of the cache directory)."""
-        present = set()
-        for info in self._fs.get_file_info(pafs.FileSelector(self._path, allow_not_found=True)):
-            match = _SHARD_FILE.match(info.base_name)
-            if match and info.type == pafs.FileType.File:
-                present.add(int(match.group(1)))
-        return [s for s in self.shards() if s.index not in present]
+        """Shards to (re)compute: absent, or present but failing verification (check() says why)."""
+        return list(self.check())
 
     def is_complete(self) -> bool:
-        return not self.missing_shards()
+        return not self.check()
+
+    def verify(self) -> None:
+        """Raise RefCacheIncomplete, naming each shard and what failed, unless every shard verifies."""
+        problems = self.check()
+        if problems:
+            raise self._incomplete(problems)
 
     def write_shard(self, shard: Shard, values: dict[str, np.ndarray]) -> None:
         """Store one shard atomically. values: role -> [shard.num_rows] real numbers, finite.
@@ -187,7 +216,8 @@ class RefCache:
                              f"({self.num_rows} rows in shards of {self.shard_rows}; use cache.shards())")
         columns = _check_values(values, self.roles, shard, self.uri)
         table = pa.table({role: pa.array(columns[role], type=pa.float32()) for role in self.roles})
-        footer = {"fingerprint": self.fingerprint, "index": shard.index, "start": shard.start, "stop": shard.stop}
+        footer = {"fingerprint": self.fingerprint, "index": shard.index, "start": shard.start, "stop": shard.stop,
+                  "values_sha256": _values_sha256(columns, self.roles)}
         table = table.replace_schema_metadata({_FOOTER_KEY: json.dumps(footer).encode()})
         final = f"{self._path}/{shard.file_name}"
         tmp = _temp_name(final)
@@ -216,37 +246,68 @@ class RefCache:
     # ------------------------------------------------------------------------------ reading
 
     def read(self) -> dict[str, np.ndarray]:
-        """Every role -> float32 [num_rows], in row order. Raises RefCacheIncomplete if a shard is missing."""
-        missing = self.missing_shards()
-        if missing:
-            raise RefCacheIncomplete(
-                f"ref cache {self.uri} is incomplete: {len(missing)} of {len(self.shards())} shards missing "
-                f"({_describe(missing)}); run the reference precompute again to fill them")
+        """Every role -> float32 [num_rows], in row order, every shard verified as it is read.
+        Raises RefCacheIncomplete if a shard is absent or fails verification (naming each)."""
+        loaded = self._load_all(keep=True)
+        problems = {shard: why for shard, (_, why) in loaded.items() if why is not None}
+        if problems:
+            raise self._incomplete(problems)
         out = {role: np.empty(self.num_rows, dtype=np.float32) for role in self.roles}
-        for shard in self.shards():
-            try:
-                table = pq.read_table(f"{self._path}/{shard.file_name}", filesystem=self._fs)
-            except (OSError, pa.ArrowInvalid) as e:  # present by name, but not Parquet: not ours
-                raise ValueError(f"ref cache {self.uri}: {shard.file_name} is unreadable ({e}); delete it") from e
-            self._check_shard_table(table, shard)
+        for shard, (columns, _) in loaded.items():
             for role in self.roles:
-                out[role][shard.start:shard.stop] = table[role].to_numpy()
+                out[role][shard.start:shard.stop] = columns[role]
         return out
 
-    def _check_shard_table(self, table: pa.Table, shard: Shard) -> None:
-        where = f"ref cache {self.uri}: {shard.file_name}"
+    def _load_all(self, keep: bool) -> dict[Shard, tuple[dict[str, np.ndarray] | None, str | None]]:
+        """shard -> (its values if `keep` and it verifies, None if it verifies else what failed)."""
+        present = set()
+        for info in self._fs.get_file_info(pafs.FileSelector(self._path, allow_not_found=True)):
+            match = _SHARD_FILE.match(info.base_name)
+            if match and info.type == pafs.FileType.File:
+                present.add(int(match.group(1)))
+        shards = self.shards()
+        to_read = [s for s in shards if s.index in present]
+        with ThreadPoolExecutor(max_workers=max(1, min(_READERS, len(to_read)))) as pool:
+            results = dict(zip(to_read, pool.map(lambda shard: self._load(shard, keep), to_read), strict=True))
+        return {shard: results.get(shard, (None, ABSENT)) for shard in shards}
+
+    def _load(self, shard: Shard, keep: bool) -> tuple[dict[str, np.ndarray] | None, str | None]:
+        """(role -> values if `keep`, None) if the shard's file verifies, else (None, what failed)."""
+        try:
+            table = pq.read_table(f"{self._path}/{shard.file_name}", filesystem=self._fs)
+        except (OSError, pa.ArrowException) as e:
+            return None, f"unreadable, truncated or not Parquet ({_first_line(e)})"
         try:
             footer = json.loads((table.schema.metadata or {})[_FOOTER_KEY])
-        except (KeyError, ValueError) as e:
-            raise ValueError(f"{where}: not written by prefopt.refcache (no footer metadata); delete it") from e
+        except (KeyError, ValueError):
+            return None, "not written by prefopt.refcache (no footer metadata)"
+        if not isinstance(footer, dict):
+            return None, "not written by prefopt.refcache (footer metadata is not a JSON object)"
         expected = {"fingerprint": self.fingerprint, "index": shard.index, "start": shard.start, "stop": shard.stop}
-        if footer != expected:
-            raise ValueError(f"{where}: holds {footer}, expected {expected} (copied from another cache?); delete it")
+        held = {k: footer.get(k) for k in expected}
+        if held != expected:
+            return None, f"holds {held}, expected {expected} (copied from another cache?)"
         if table.num_rows != shard.num_rows:
-            raise ValueError(f"{where}: {table.num_rows} rows, expected {shard.num_rows}; delete it")
+            return None, f"{table.num_rows} rows, expected {shard.num_rows}"
         for role in self.roles:
             if role not in table.column_names or table.schema.field(role).type != pa.float32():
-                raise ValueError(f"{where}: no float32 column {role!r} (columns {table.schema}); delete it")
+                return None, f"no float32 column {role!r} (columns {table.column_names})"
+        columns = {role: table[role].to_numpy() for role in self.roles}
+        recorded = footer.get("values_sha256")
+        # A shard of the previous version (no checksum) is recomputed rather than trusted: its
+        # values cannot be told from changed ones, and recomputing costs one reference pass.
+        if not isinstance(recorded, str):
+            return None, "no checksum (written before prefopt recorded checksums): cannot be verified"
+        if _values_sha256(columns, self.roles) != recorded:
+            return None, "checksum mismatch: its values changed after it was written"
+        return (columns if keep else None), None
+
+    def _incomplete(self, problems: dict[Shard, str]) -> RefCacheIncomplete:
+        shown = "; ".join(f"{s.file_name} (rows {s.start}..{s.stop - 1}): {why}" for s, why in list(problems.items())[:5])
+        more = f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
+        return RefCacheIncomplete(
+            f"ref cache {self.uri} is incomplete: {len(problems)} of {len(self.shards())} shards to compute "
+            f"({shown}{more}); run the reference precompute again to compute them")
 
 
 # ================================================================================= helpers
@@ -393,11 +454,22 @@ def _write_bytes(fs: pafs.FileSystem, path: str, data: bytes) -> None:
         f.write(data)
 
 
+def _values_sha256(columns: dict[str, np.ndarray], roles: list[str]) -> str:
+    # Of the values, not of the file's bytes: the checksum must live inside the shard's own file
+    # (its footer), so that shard and checksum appear together with the one atomic move and no
+    # manifest is updated by several writers; a file cannot hold the hash of its own bytes. The
+    # values are what the cache promises: bytes changed elsewhere (statistics) change nothing read.
+    h = hashlib.sha256()
+    for role in roles:
+        h.update(role.encode() + b"\0")
+        h.update(np.ascontiguousarray(columns[role], dtype="<f4").tobytes())
+    return h.hexdigest()
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
 def _short(value) -> str:
     text = str(value)
     return text if len(text) <= 16 else text[:12] + ".."
-
-
-def _describe(shards: list[Shard]) -> str:
-    shown = ", ".join(f"{s.index} (rows {s.start}..{s.stop - 1})" for s in shards[:5])
-    return shown + (f" and {len(shards) - 5} more" if len(shards) > 5 else "")

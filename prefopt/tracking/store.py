@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from prefopt.config import RunConfig
+from prefopt.errors import SERVICE, UserError
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -23,8 +24,10 @@ STORE_FILE = "mlflow.db"
 ARTIFACT_DIR = "mlartifacts"
 
 
-class TrackingError(RuntimeError):
+class TrackingError(UserError, RuntimeError):
     """A tracking problem the user can fix; the message says what to do."""
+
+    exit_code = SERVICE
 
 
 def default_store_dir(output_dir: str | Path) -> Path:
@@ -141,3 +144,31 @@ def find_experiment(client: MlflowClient, name: str, uri: str) -> Experiment:
     names = sorted(e.name for e in client.search_experiments())
     known = ", ".join(names) if names else "none"
     raise TrackingError(f"no experiment {name!r} in {uri} (experiments there: {known})")
+
+
+def check_reachable(cfg: RunConfig, timeout_s: float = 5.0) -> None:
+    """Fail in seconds, naming tracking.uri, when the store cannot be used: an HTTP server that
+    does not answer, or a SQLite file whose folder cannot be created. Other schemes (postgresql,
+    databricks, ...) are left to MLflow."""
+    import urllib.error
+    import urllib.request
+
+    uri = resolve_tracking_uri(cfg)
+    field = "tracking.uri" if cfg.tracking.uri else "output_dir (the default store sits beside it)"
+    db = sqlite_file(uri)
+    if db is not None:
+        try:
+            db.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise TrackingError(f"{field}: cannot create the folder of the MLflow store {db}: {exc.strerror}") from None
+        return
+    if uri.startswith(("http://", "https://")):
+        try:  # any HTTP answer means a server listens; only no answer at all is fatal
+            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s).close()
+        except urllib.error.HTTPError:
+            return
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise TrackingError(f"tracking.uri: no MLflow server answers at {uri} ({reason}); start one "
+                                "(mlflow server ...), fix the address, or unset tracking.uri for the local "
+                                "SQLite store") from None

@@ -229,6 +229,10 @@ class Tracker:
         for i in range(0, len(batch), 1000):  # MLflow's limit of metrics per call
             self.client.log_batch(self.run_id, metrics=batch[i:i + 1000])
 
+    def last_step(self, key: str) -> int:
+        """The highest step logged for `key` in this run (0 when none)."""
+        return max((m.step for m in self.client.get_metric_history(self.run_id, key)), default=0)
+
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         """Set run tags, e.g. {TAG_DATA_FINGERPRINT: ..., TAG_REFCACHE_FINGERPRINT: ...}."""
         items = [RunTag(k, str(v)) for k, v in tags.items() if v is not None]

@@ -70,6 +70,9 @@ class PolicyWorker(EngineWorker):
         out["tokens"] = float(tokens)
         out["step_seconds"] = time.perf_counter() - start
         out["lr"] = self.scheduler.get_last_lr()[0]
+        grad_norm = self.engine.get_global_grad_norm()  # None when DeepSpeed did not compute it
+        if grad_norm is not None:
+            out["grad_norm"] = float(grad_norm)
         return out
 
     def _reference(self, indices: list[int], live: list | None, micro: int) -> dict[str, np.ndarray] | None:

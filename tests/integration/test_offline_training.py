@@ -137,12 +137,15 @@ def test_killed_run_resumes_to_the_same_final_loss(tmp_path, tiny_model_dir, syn
 
     out = tmp_path / "killed"
     args = [sys.executable, "-m", "prefopt", "train", str(TINY_DPO), "--set", steps, "--set", "train.save_steps=4",
+            "--set", "train.log_steps=1",
             "--set", f"output_dir={out}", "--set", f"model.path={tiny_model_dir}",
             "--set", f"data.path={synthetic_pairs}", "--set", "data.task=null"]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True, env=os.environ | {"DS_ACCELERATOR": "cpu"})
     deadline = time.time() + 300
-    while not list(out.glob("checkpoints/step*/trainer_state.json")) and time.time() < deadline:
+    # Killed a few steps after its first checkpoint: those steps were logged and run again.
+    while (not list(out.glob("checkpoints/step*/trainer_state.json")) or not (out / "metrics.jsonl").is_file()
+           or len(read_metrics(out)) < 6) and time.time() < deadline:
         assert proc.poll() is None, "the run ended before its first checkpoint"
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)  # the driver, its local Ray and its workers
@@ -150,8 +153,13 @@ def test_killed_run_resumes_to_the_same_final_loss(tmp_path, tiny_model_dir, syn
     killed_at = len(read_metrics(out))
     assert killed_at < 24, "the run finished before it could be killed"
 
-    resumed_cfg = tiny_run(out, tiny_model_dir, synthetic_pairs, steps, "train.save_steps=4")
-    train(resumed_cfg, quiet())
+    resumed_cfg = tiny_run(out, tiny_model_dir, synthetic_pairs, steps, "train.save_steps=4", "train.log_steps=1")
+    result = train(resumed_cfg, quiet())
     resumed = read_metrics(out)
     assert [m["step"] for m in resumed] == list(range(1, 25))
     assert resumed[-1]["loss"] == pytest.approx(straight[-1]["loss"], abs=1e-5)
+    # The same MLflow run, with exactly one point per step (the replayed steps are not logged twice).
+    from mlflow import MlflowClient
+
+    history = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_metric_history(result.run_id, "loss")
+    assert sorted(m.step for m in history) == list(range(1, 25))

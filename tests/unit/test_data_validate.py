@@ -19,6 +19,7 @@ GOOD_HH = {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello there.", "rejected": "\n
 GOOD_KTO = {"prompt": "The film was", "completion": " great.", "label": True}
 SIX = {"role": "assistant", "content": "Six."}
 GOOD_CHAT_HH = {"chosen": [USER, ANSWER], "rejected": [USER, SIX]}
+SURE = {"role": "user", "content": "Sure?"}
 
 
 def cfg_for(path, **data):
@@ -30,7 +31,8 @@ def write_lines(path, lines):
     return path
 
 
-# (good first row, bad second row, extra data config, reason, field, message)
+# (good first row, bad second row, extra data config, reason, field, message). The field is the
+# one a user must edit; None when no field of the row is at fault.
 CASES = [
     (GOOD, {**GOOD, "rejected": None}, {}, "missing_value", "rejected", "no value"),
     (GOOD, {"prompt": "The film was", "chosen": 7, "rejected": " awful."}, {}, "not_string", "chosen",
@@ -42,14 +44,31 @@ CASES = [
      "chosen[0].content", "empty text"),
     (GOOD_CHAT, {**GOOD_CHAT, "chosen": [{"role": "bot", "content": "Eight."}]}, {}, "unknown_role",
      "chosen[0].role", "unknown role 'bot' (allowed: system, user, assistant)"),
+    # The message to remove, not its role: relabelling it would hide the problem.
     (GOOD_CHAT, {**GOOD_CHAT, "prompt": [USER, ANSWER]}, {}, "prompt_ends_with_assistant",
-     "prompt[1].role", "the prompt ends with an assistant message; the completion must be the next turn"),
+     "prompt[1]", "the prompt ends with an assistant message; the completion must be the next turn"),
+    (GOOD_CHAT_HH, {"chosen": [USER, ANSWER, ANSWER], "rejected": [USER, ANSWER, SIX]}, {},
+     "prompt_ends_with_assistant", "chosen[1]",
+     "the prompt ends with an assistant message; the completion must be the next turn"),
+    # A one-message completion with the wrong role: the role is what to change.
     (GOOD_CHAT, {**GOOD_CHAT, "chosen": [{"role": "user", "content": "Eight?"}]}, {}, "not_assistant_last",
-     "chosen[0].role", "the conversation ends with a 'user' message, not the assistant's"),
+     "chosen[0].role", "the completion is a 'user' message, not the assistant's"),
+    # A transcript without the assistant's reply: the transcript, not its last role.
     (GOOD_CHAT_HH, {"chosen": [USER, ANSWER], "rejected": [USER]}, {},
-     "not_assistant_last", "rejected[0].role", "the conversation ends with a 'user' message, not the assistant's"),
+     "not_assistant_last", "rejected", "the conversation ends with a 'user' message, not the assistant's"),
     (GOOD_CHAT, {**GOOD_CHAT, "chosen": [ANSWER, ANSWER]}, {}, "completion_turns", "chosen",
      "a completion is one assistant message; got 2 (assistant, assistant)"),
+    (GOOD_CHAT, {**GOOD_CHAT, "chosen": [ANSWER, SURE]}, {}, "completion_turns", "chosen",
+     "a completion is one assistant message; got 2 (assistant, user)"),
+    # Implicit prompt, messages: the message where the two transcripts part, not the shared prompt.
+    (GOOD_CHAT_HH, {"chosen": [USER, ANSWER, SURE, ANSWER], "rejected": [USER, ANSWER, USER, SIX]}, {},
+     "completion_turns", "chosen[2]",
+     "chosen and rejected first differ here, before their last assistant turn, so the completion "
+     "would be 2 messages rather than one"),
+    (GOOD_CHAT_HH, {"chosen": [USER, ANSWER], "rejected": [USER, ANSWER, SURE, SIX]}, {},
+     "completion_turns", "rejected[2]",
+     "chosen and rejected first differ here, before their last assistant turn, so the completion "
+     "would be 2 messages rather than one"),
     (GOOD, {**GOOD, "rejected": " great."}, {}, "identical", "chosen", "same completion as 'rejected'"),
     (GOOD_HH, {"chosen": GOOD_HH["chosen"], "rejected": GOOD_HH["chosen"]}, {}, "identical", "chosen",
      "same transcript as 'rejected'"),
@@ -57,6 +76,11 @@ CASES = [
     (GOOD_HH, {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello.", "rejected": "\n\nHuman: Hey\n\nAssistant: Hello."},
      {}, "no_shared_prompt", "chosen",
      "chosen and rejected share no prefix ending in data.assistant_marker '\\n\\nAssistant:'"),
+    # The marker is missing from one transcript: that one (or data.assistant_marker) is the fix.
+    (GOOD_HH, {"chosen": GOOD_HH["chosen"], "rejected": "\n\nHuman: Hi\n\nassistant: Go away."},
+     {}, "no_shared_prompt", "rejected",
+     "no data.assistant_marker '\\n\\nAssistant:' in it (the text before each assistant turn; "
+     "set data.assistant_marker to the one this data uses)"),
     (GOOD_HH, {"chosen": "\n\nHuman: Hi\n\nAssistant: Yes.\n\nHuman: Sure?\n\nAssistant: Yes.",
                "rejected": "\n\nHuman: Hi\n\nAssistant: No.\n\nHuman: Sure?\n\nAssistant: No."},
      {}, "completion_turns", "chosen",
@@ -66,9 +90,20 @@ CASES = [
     (GOOD, {**GOOD, "prompt": " ".join(["The film was great."] * 8)}, {"max_prompt_length": 16, "max_length": 64},
      "no_room", "prompt", "the prompt has 41 tokens, more than data.max_prompt_length=16: it leaves no room for the "
      "completion within data.max_length=64 (prompts are never cut; raise both, or skip such rows)"),
+    # Both completions are fine; data.max_length makes them equal, so no field is named.
     (GOOD, {"prompt": "The film was", "chosen": " great, and also funny.", "rejected": " great, and also boring."},
-     {"max_prompt_length": 6, "max_length": 8}, "identical_after_truncation", "chosen",
-     "chosen and rejected have the same tokens once cut to data.max_length=8 (4 prompt tokens)"),
+     {"max_prompt_length": 6, "max_length": 8}, "identical_after_truncation", None,
+     "chosen and rejected have the same first 4 tokens, all that data.max_length=8 leaves after the "
+     "4-token prompt; they differ from token 5: raise data.max_length to at least 9, or skip such rows"),
+    (GOOD, {**GOOD, "chosen": " awful.<|eos|>"}, {}, "identical_after_truncation", "chosen",
+     "same tokens as 'rejected' once tokenized (trailing EOS tokens are replaced by one)"),
+    # An escaped lone surrogate (half an emoji) is valid JSON but not text.
+    (GOOD, {**GOOD, "prompt": "The film was \ud83d"}, {}, "not_utf8", "prompt",
+     "holds '\\ud83d' at character 14: half of a UTF-16 surrogate pair, which is not text (a character "
+     "cut in two); remove it or write the whole character"),
+    (GOOD_CHAT, {**GOOD_CHAT, "chosen": [{"role": "assistant", "content": "Eight \udc00"}]}, {}, "not_utf8",
+     "chosen[0].content", "holds '\\udc00' at character 7: half of a UTF-16 surrogate pair, which is not "
+     "text (a character cut in two); remove it or write the whole character"),
 ]
 
 
@@ -79,7 +114,8 @@ def test_bad_row_message_names_file_row_and_field(tmp_path, tiny_tokenizer, good
     checked = check(cfg_for(path, **data), tiny_tokenizer)
     (problem,) = checked.report.problems
     assert (problem.reason, problem.row, problem.field) == (reason, 2, field)
-    assert str(problem) == f"{path}: line 2 (1-based), field '{field}': {message}"
+    where = f", field '{field}'" if field is not None else ""
+    assert str(problem) == f"{path}: line 2 (1-based){where}: {message}"
     assert problem.reason in REASONS
     assert checked.table.num_rows == 1 and checked.report.dropped == {reason: 1}
 
@@ -108,6 +144,24 @@ def test_chat_template_that_does_not_extend_the_prompt(tmp_path, tiny_tokenizer)
     assert problem.reason == "template_error"
     assert str(problem) == (f"{path}: line 1 (1-based), field 'chosen': the chat template does not "
                             "render the prompt (with the generation prompt) as a prefix of the whole conversation")
+
+
+def test_chat_template_error_names_the_field_whose_message_it_failed_on(tmp_path, tiny_tokenizer):
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    tokenizer.chat_template = (
+        "{% for m in messages %}{% if 'Forbidden' in m['content'] %}"
+        "{{ raise_exception('no Forbidden in a ' + m['role'] + ' message') }}{% endif %}{% endfor %}"
+        + tiny_tokenizer.chat_template
+    )
+    forbidden = {"role": "assistant", "content": "Forbidden."}
+    path = write_lines(tmp_path / "chat.jsonl", [
+        GOOD_CHAT, {**GOOD_CHAT, "rejected": [forbidden]},
+        {**GOOD_CHAT, "prompt": [{"role": "user", "content": "Forbidden?"}]},
+    ])
+    problems = check(cfg_for(path), tokenizer).report.problems
+    assert [(p.row, p.reason, p.field) for p in problems] == [
+        (2, "template_error", "rejected"), (3, "template_error", "prompt")]
+    assert problems[0].message == "the chat template failed: no Forbidden in a assistant message"
 
 
 def test_rows_of_parquet_and_csv_are_numbered_from_one(tmp_path, tiny_tokenizer):

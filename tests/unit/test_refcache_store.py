@@ -1,4 +1,5 @@
-"""RefCache: exact round trips, resumable shards, atomic writes, misses named by the part that changed."""
+"""RefCache: exact round trips, resumable shards, atomic writes, misses named by the part that changed,
+shards changed or truncated after writing detected and never used."""
 
 import json
 import pickle
@@ -108,7 +109,8 @@ def test_missing_shards_after_partial_writes(tmp_path):
     fill(cache, values, [cache.shards()[0], cache.shards()[2]])
     assert [s.index for s in cache.missing_shards()] == [1, 3]
     assert not cache.is_complete()
-    with pytest.raises(RefCacheIncomplete, match=r"2 of 4 shards missing \(1 \(rows 3..5\), 3 \(rows 9..9\)\)"):
+    with pytest.raises(RefCacheIncomplete, match=r"2 of 4 shards to compute \(shard-000001.parquet \(rows 3..5\): "
+                                                 r"absent; shard-000003.parquet \(rows 9..9\): absent\)"):
         cache.read()
     resumed = open_cache(tmp_path, num_rows=10, shard_rows=3)  # another run: same cache, same gaps
     assert resumed.uri == cache.uri and resumed.missing_shards() == [Shard(1, 3, 6), Shard(3, 9, 10)]
@@ -171,18 +173,118 @@ def test_a_killed_precompute_resumes_with_the_missing_shards(tmp_path):
     np.testing.assert_array_equal(cache.read()["chosen"], np.full(12, -1.0, dtype=np.float32))
 
 
-def test_a_shard_from_another_cache_is_refused_on_read(tmp_path):
+def test_a_shard_from_another_cache_is_missing_and_refused_on_read(tmp_path):
     ours = open_cache(tmp_path, num_rows=4)
     other = open_cache(tmp_path, {**PARTS, "dtype": "float32"}, num_rows=4)
     fill(other, logps(4))
     (tmp_path / ours.fingerprint[:16] / "shard-000000.parquet").write_bytes(
         (tmp_path / other.fingerprint[:16] / "shard-000000.parquet").read_bytes())
-    assert ours.is_complete()  # presence is by name...
-    with pytest.raises(ValueError, match="shard-000000.parquet: holds .*copied from another cache"):
-        ours.read()  # ...but the footer says whose rows these are
-    (tmp_path / ours.fingerprint[:16] / "shard-000000.parquet").write_bytes(b"not parquet")
-    with pytest.raises(ValueError, match="shard-000000.parquet is unreadable"):
+    problems = ours.check()  # present by name, but the footer says whose rows these are
+    assert list(problems) == [Shard(0, 0, 4)] and "copied from another cache" in problems[Shard(0, 0, 4)]
+    with pytest.raises(RefCacheIncomplete, match="shard-000000.parquet .*copied from another cache"):
         ours.read()
+    (tmp_path / ours.fingerprint[:16] / "shard-000000.parquet").write_bytes(b"not parquet")
+    with pytest.raises(RefCacheIncomplete, match="shard-000000.parquet .*unreadable, truncated or not Parquet"):
+        ours.read()
+
+
+# ------------------------------------------------------------------------------ integrity
+
+
+def change_one_value(read, write, role="chosen", row=1):
+    """Rewrite a shard with pyarrow, one value changed: still valid Parquet, same name, same footer."""
+    table = read()
+    values = table[role].to_numpy().copy()
+    values[row] += 0.5
+    write(table.set_column(table.column_names.index(role), role, pa.array(values, type=pa.float32())))
+
+
+def local_shard(cache: RefCache, index: int) -> Path:
+    return Path(cache.uri) / cache.shards()[index].file_name
+
+
+def test_an_untouched_cache_verifies(tmp_path):
+    cache = open_cache(tmp_path, num_rows=10, shard_rows=4)
+    values = logps(10)
+    fill(cache, values)
+    assert cache.check() == {} and cache.missing_shards() == [] and cache.is_complete()
+    cache.verify()
+    footer = json.loads(pq.read_schema(local_shard(cache, 1)).metadata[store._FOOTER_KEY])
+    assert footer["values_sha256"] == store._values_sha256({r: v[4:8] for r, v in values.items()}, ROLES)
+    np.testing.assert_array_equal(cache.read()["rejected"], values["rejected"])
+
+
+def test_a_shard_with_changed_values_is_missing_and_never_read(tmp_path):
+    cache = open_cache(tmp_path, num_rows=12, shard_rows=4)
+    values = logps(12)
+    fill(cache, values)
+    path = local_shard(cache, 1)
+    untouched = {i: local_shard(cache, i).read_bytes() for i in (0, 2)}
+    change_one_value(lambda: pq.read_table(path), lambda t: pq.write_table(t, path))
+    assert pq.read_table(path).num_rows == 4  # still valid Parquet, footer kept
+    assert cache.check() == {Shard(1, 4, 8): "checksum mismatch: its values changed after it was written"}
+    assert cache.missing_shards() == [Shard(1, 4, 8)] and not cache.is_complete()
+    with pytest.raises(RefCacheIncomplete, match=r"shard-000001.parquet \(rows 4..7\): checksum mismatch"):
+        cache.read()
+    with pytest.raises(RefCacheIncomplete, match="checksum mismatch"):
+        cache.verify()
+    fill(cache, values, cache.missing_shards())  # recomputed: only the bad shard is rewritten
+    assert {i: local_shard(cache, i).read_bytes() for i in (0, 2)} == untouched
+    assert cache.check() == {}
+    np.testing.assert_array_equal(cache.read()["chosen"], values["chosen"])
+
+
+def test_a_truncated_shard_is_missing_and_never_read(tmp_path):
+    cache = open_cache(tmp_path, num_rows=12, shard_rows=4)
+    values = logps(12)
+    fill(cache, values)
+    path = local_shard(cache, 2)
+    data = path.read_bytes()
+    for length in (len(data) - 1, len(data) // 2, 0):
+        path.write_bytes(data[:length])
+        why = cache.check()[Shard(2, 8, 12)]
+        assert list(cache.check()) == [Shard(2, 8, 12)] and why.startswith("unreadable, truncated or not Parquet (")
+        assert "\n" not in why  # one line
+        with pytest.raises(RefCacheIncomplete, match="shard-000002.parquet .*truncated"):
+            cache.read()
+    fill(cache, values, cache.missing_shards())
+    assert cache.is_complete()
+    np.testing.assert_array_equal(cache.read()["rejected"], values["rejected"])
+
+
+@pytest.mark.parametrize("rewrite, why", [
+    (lambda t: t.replace_schema_metadata(None), "not written by prefopt.refcache (no footer metadata)"),
+    (lambda t: t.drop_columns(["rejected"]), "no float32 column 'rejected' (columns ['chosen'])"),
+    (lambda t: t.cast(pa.schema([pa.field(r, pa.float64()) for r in ROLES], metadata=t.schema.metadata)),
+     "no float32 column 'chosen' (columns ['chosen', 'rejected'])"),
+    (lambda t: t.slice(0, 3), "3 rows, expected 4"),
+    (lambda t: pa.table({"chosen": t["rejected"], "rejected": t["chosen"]}).replace_schema_metadata(t.schema.metadata),
+     "checksum mismatch: its values changed after it was written"),
+], ids=["footer dropped", "column dropped", "float64", "rows dropped", "roles swapped"])
+def test_a_shard_rewritten_otherwise_is_missing(tmp_path, rewrite, why):
+    cache = open_cache(tmp_path, num_rows=8, shard_rows=4)
+    fill(cache, logps(8))
+    path = local_shard(cache, 0)
+    pq.write_table(rewrite(pq.read_table(path)), path)
+    assert cache.check() == {Shard(0, 0, 4): why}
+
+
+def test_a_shard_of_the_previous_version_is_recomputed_not_trusted(tmp_path):
+    # Written before checksums: the same footer without values_sha256.
+    cache = open_cache(tmp_path, num_rows=8, shard_rows=4)
+    values = logps(8)
+    fill(cache, values)
+    path = local_shard(cache, 0)
+    table = pq.read_table(path)
+    footer = json.loads(table.schema.metadata[store._FOOTER_KEY])
+    del footer["values_sha256"]
+    pq.write_table(table.replace_schema_metadata({store._FOOTER_KEY: json.dumps(footer).encode()}), path)
+    assert cache.check() == {Shard(0, 0, 4): "no checksum (written before prefopt recorded checksums): "
+                                             "cannot be verified"}
+    with pytest.raises(RefCacheIncomplete, match="no checksum"):
+        cache.read()
+    fill(cache, values, cache.missing_shards())
+    assert cache.is_complete()
 
 
 # ------------------------------------------------------------------------------ misses and mismatches
@@ -311,5 +413,32 @@ def test_an_object_store_like_filesystem(tmp_path):
         with pytest.raises(RefCacheMismatch, match="dtype differs"):
             RefCache.open(again.uri, {**PARTS, "dtype": "float16"}, num_rows=10, roles=ROLES, filesystem=fs)
         assert RefCache.nearest(root, {**PARTS, "dtype": "float16"}, filesystem=fs) == (again.uri, ["dtype"])
+    finally:
+        memory.rm(root.split("/")[0], recursive=True)
+
+
+def test_changed_and_truncated_shards_on_an_object_store_like_filesystem():
+    fsspec = pytest.importorskip("fsspec")
+    memory = fsspec.filesystem("memory")
+    fs = pafs.PyFileSystem(pafs.FSSpecHandler(memory))
+    root = f"bucket-{uuid.uuid4().hex}/refcache"
+    try:
+        cache = RefCache.open(root, PARTS, num_rows=12, roles=ROLES, shard_rows=4, filesystem=fs)
+        values = logps(12)
+        fill(cache, values)
+        assert cache.check() == {}
+        changed, truncated = (f"{cache.uri}/{cache.shards()[i].file_name}" for i in (0, 2))
+        change_one_value(lambda: pq.read_table(changed, filesystem=fs),
+                         lambda t: pq.write_table(t, changed, filesystem=fs))
+        memory.pipe(truncated, memory.cat(truncated)[:-10])
+        problems = cache.check()
+        assert list(problems) == [Shard(0, 0, 4), Shard(2, 8, 12)]
+        assert problems[Shard(0, 0, 4)].startswith("checksum mismatch")
+        assert problems[Shard(2, 8, 12)].startswith("unreadable, truncated or not Parquet")
+        with pytest.raises(RefCacheIncomplete, match="2 of 3 shards to compute"):
+            cache.read()
+        fill(cache, values, cache.missing_shards())
+        got = cache.read()
+        assert all(np.array_equal(got[r], values[r]) for r in ROLES)
     finally:
         memory.rm(root.split("/")[0], recursive=True)
