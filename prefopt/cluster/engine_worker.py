@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from prefopt.config import RunConfig
+from prefopt.errors import UserError
 from prefopt.models import DTYPES, accelerator_device, quiet_transformers
 
 Head = Literal["lm", "scalar"]
@@ -120,6 +121,9 @@ class EngineWorker:
         from prefopt.cluster.deepspeed_config import deepspeed_config
 
         cfg = self.cfg
+        if cfg.model.dtype == "bfloat16" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+            raise UserError(f"model.dtype: bfloat16 is not supported by {torch.cuda.get_device_name()} "
+                            "(it needs compute capability 8.0 or newer); use float16 or float32")
         torch.manual_seed(cfg.train.seed)
         ds_config = deepspeed_config(self.role, dtype=cfg.model.dtype, world_size=self.world_size,
                                      train=cfg.train if train else None)
