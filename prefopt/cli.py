@@ -86,11 +86,11 @@ def train(
                      "(default: resume when output_dir holds a checkpoint)", show_default=False),
     ] = None,
 ) -> None:
-    """Train a policy with an offline algorithm (DPO family, KTO, SFT) on Ray + DeepSpeed."""
-    from prefopt.algorithms.offline import train as train_offline
+    """Train a policy with an offline algorithm (DPO family, KTO, SFT), or a reward model, on Ray + DeepSpeed."""
+    from prefopt.algorithms import train as train_any
 
     cfg = resolve(config, set_)
-    guarded(lambda: train_offline(cfg, console, resume=resume), log_dir=cfg.output_dir)
+    guarded(lambda: train_any(cfg, console, resume=resume), log_dir=cfg.output_dir)
 
 
 @app.command("precompute-ref")

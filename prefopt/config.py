@@ -75,6 +75,9 @@ class DataConfig(Section):
     on_bad_row: Literal["error", "skip"] = "error"
     packing: bool = True
     num_examples: int | None = Field(None, ge=1, description="cap on examples read (debugging)")
+    heldout_path: str | None = Field(
+        None, description="held-out pairs of the same format (reward_model's accuracy); "
+        "null: the built-in task's test split, if any")
     seed: int = 0
     split: str = Field(
         "train", min_length=1, description="split of a HF dataset; train/test of a built-in task"
@@ -113,6 +116,9 @@ class AlgorithmConfig(Section):
     # The GPO view (name: gpo): loss = function(beta * (score_c - score_r) - gamma).
     function: str | None = None
     score: str | None = None
+    # The reward model (name: reward_model): -log sigmoid(r_c - r_r - margin) + center_weight (r_c + r_r)^2.
+    margin: float | None = None
+    center_weight: float | None = None
 
     def loss_params(self) -> dict[str, float | str]:
         """The parameters the user set, to pass to prefopt.losses as keyword arguments."""

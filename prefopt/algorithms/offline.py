@@ -10,7 +10,6 @@ step lives with the workers (prefopt.workers.offline_step); the stages in prefop
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,9 +83,10 @@ def train(cfg: RunConfig, console, *, resume: bool | None = None) -> TrainResult
             timings["startup_seconds"] = time.perf_counter() - t0
             try:
                 state = {"data_fingerprint": inputs.data.fingerprint, "mlflow_run_id": tracker.run_id}
-                if evaluator is not None and run.start_step == 0:
+                if evaluator is not None and run.start_step == 0:  # the reward-KL curve starts at the reference
                     _evaluate(evaluator, policy, 0, tracker, console)
-                metrics = _loop(cfg, policy, run, evaluator, tracker, console, state)
+                evaluate = (lambda step: _evaluate(evaluator, policy, step, tracker, console)) if evaluator else None
+                metrics = stages.run_steps(cfg, policy, run, tracker, console, state, evaluate)
                 model_dir = stages.export(policy, run, console)
             finally:
                 policy.shutdown()
@@ -97,56 +97,6 @@ def train(cfg: RunConfig, console, *, resume: bool | None = None) -> TrainResult
             reference.shutdown()
     return TrainResult(run.output_dir, model_dir, metrics, cfg.train.max_steps, tracker.run_id, timings,
                        [info["param_bytes"] for info in infos])
-
-
-def _loop(cfg: RunConfig, policy, run, evaluator, tracker, console, state: dict) -> dict[str, float]:
-    """Steps in runs between logging, saving and evaluation points: one call per run of steps."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    t = cfg.train
-    eval_every = cfg.eval.every_steps if evaluator is not None else None
-    guard = stages.HealthGuard(t.health, run)
-    # A resumed run replays the steps after its checkpoint; MLflow already holds those it logged
-    # before the kill, with the same values (resume is exact): log each step once.
-    logged_until = tracker.last_step("loss") if run.checkpoint is not None else 0
-    metrics: dict[str, float] = {}
-    columns = [TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-               TextColumn("{task.fields[info]}")]
-    with Progress(*columns, console=console) as progress, \
-            (run.output_dir / stages.METRICS_FILE).open("a") as log_file:
-        bar = progress.add_task("train", total=t.max_steps, completed=run.start_step, info="")
-        for first, count in stages.intervals(run.start_step, t.max_steps, [t.log_steps, t.save_steps, eval_every]):
-            t0 = time.perf_counter()
-            per_step = [_combine_ranks(list(ranks))  # [ranks][steps] -> one dict per step
-                        for ranks in zip(*policy.call("train_steps", first, count), strict=True)]
-            # The call is what the controller can time: its tokens over its wall time.
-            rate = sum(m["tokens"] for m in per_step) / max(time.perf_counter() - t0, 1e-9)
-            for step, metrics in enumerate(per_step, start=first + 1):
-                metrics["tokens_per_second"] = rate
-                log_file.write(json.dumps({"step": step, **metrics}) + "\n")
-                if (step % t.log_steps == 0 or step == t.max_steps) and step > logged_until:
-                    tracker.log_metrics(metrics, step=step)
-                log_file.flush()
-                guard.check(step, metrics)  # before this call's checkpoint: a diverged state is never saved
-            state["first_loss"] = guard.first_loss
-            done = first + count
-            acc = metrics.get("rewards/accuracies")
-            info = f"loss {metrics['loss']:.4f}" + (f"  acc {acc:.2f}" if acc is not None else "")
-            progress.update(bar, completed=done, info=info + f"  {metrics['tokens_per_second']:.0f} tok/s")
-            if done % t.save_steps == 0 or done == t.max_steps:
-                stages.save_checkpoint(policy, run, done, state)
-            if evaluator is not None and ((eval_every and done % eval_every == 0) or done == t.max_steps):
-                metrics |= _evaluate(evaluator, policy, done, tracker, console)
-    return metrics
-
-
-def _combine_ranks(per_rank: list[dict[str, float]]) -> dict[str, float]:
-    from prefopt.workers.offline_step import mean_metrics
-
-    out = mean_metrics(per_rank)
-    out["tokens"] = float(sum(m["tokens"] for m in per_rank))
-    out["step_seconds"] = max(m["step_seconds"] for m in per_rank)
-    return out
 
 
 def _evaluate(evaluator, policy, step: int, tracker, console) -> dict[str, float]:

@@ -7,7 +7,8 @@
     ref = start_reference(cfg, inputs, console)    the reference role's group
     cache = fill_reference_cache(...)              RefCache hit, or computed on `ref`
     policy, infos = start_policy(...)              the policy role's group, built and resumed
-    intervals(start, end, every=[...])             how many steps each call runs
+    run_steps(cfg, policy, run, tracker, ...)      the loop: calls of several steps, logging,
+                                                   the health guard, checkpoints, evaluations
     save_checkpoint(policy, run, step, state)      every rank saves, then the marker file
     export(policy, run)                            a plain Hugging Face directory
 
@@ -190,19 +191,23 @@ def start_reference(cfg: RunConfig, inputs: Inputs, console):
     return group
 
 
-def start_policy(cfg: RunConfig, inputs: Inputs, run: Run, console, *, ref_cache=None, reference=None):
-    """The policy role: built, its data and reference attached, resumed from the run's checkpoint.
-    -> (group, setup info of each rank)."""
+def start_policy(cfg: RunConfig, inputs: Inputs, run: Run, console, *, ref_cache=None, reference=None,
+                 worker_cls=None, **setup_kwargs):
+    """The trained model's role (the `policy` section): built, its data and reference attached,
+    resumed from the run's checkpoint. worker_cls: PolicyWorker, or another role trained the
+    same way (RewardModelWorker). -> (group, setup info of each rank)."""
     from prefopt.cluster.worker_group import WorkerGroup
     from prefopt.workers.policy import PolicyWorker
 
+    worker_cls = worker_cls or PolicyWorker
     with console.status(f"starting {cfg.policy.num_workers} policy worker(s)"):
-        group = WorkerGroup(PolicyWorker, cfg.policy, cfg.cluster, name="policy", key="policy",
+        group = WorkerGroup(worker_cls, cfg.policy, cfg.cluster, name="policy", key="policy",
                             init_args=(cfg.model_dump_json(),))
     try:
-        live = reference.actors if reference is not None and cfg.ref.mode == "live" else None
-        infos = group.call("setup", str(inputs.model_dir), str(inputs.data.path), ref_cache=ref_cache,
-                           ref_actors=live)
+        if worker_cls is PolicyWorker:
+            live = reference.actors if reference is not None and cfg.ref.mode == "live" else None
+            setup_kwargs |= {"ref_cache": ref_cache, "ref_actors": live}
+        infos = group.call("setup", str(inputs.model_dir), str(inputs.data.path), **setup_kwargs)
         stage = infos[0]["zero_stage"]
         asked = cfg.policy.deepspeed.zero_stage
         why = "" if stage == asked else f" ({asked} asked: one rank has nothing to partition)"
@@ -286,6 +291,63 @@ class HealthGuard:
         for state_file in (self.run.output_dir / CHECKPOINTS).glob(f"step*/{STATE_FILE}"):
             found.append((json.loads(state_file.read_text())["step"], state_file.parent.name))
         return sorted(found)
+
+
+def run_steps(cfg: RunConfig, group, run: Run, tracker, console, state: dict, evaluate=None) -> dict[str, float]:
+    """The training loop of every controller whose workers have `train_steps(first, count)`:
+    steps in calls cut at logging, saving and evaluation points; each step's metrics to
+    metrics.jsonl and (every train.log_steps) to MLflow; the health guard on every step before
+    the checkpoint; `evaluate(step) -> metrics` every eval.every_steps and at the end.
+    -> the last step's metrics."""
+    import time
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    t = cfg.train
+    eval_every = cfg.eval.every_steps if evaluate is not None else None
+    guard = HealthGuard(t.health, run)
+    # A resumed run replays the steps after its checkpoint; MLflow already holds those it logged
+    # before the kill, with the same values (resume is exact): log each step once.
+    logged_until = tracker.last_step("loss") if run.checkpoint is not None else 0
+    metrics: dict[str, float] = {}
+    columns = [TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+               TextColumn("{task.fields[info]}")]
+    with Progress(*columns, console=console) as progress, (run.output_dir / METRICS_FILE).open("a") as log_file:
+        bar = progress.add_task("train", total=t.max_steps, completed=run.start_step, info="")
+        for first, count in intervals(run.start_step, t.max_steps, [t.log_steps, t.save_steps, eval_every]):
+            t0 = time.perf_counter()
+            per_step = [combine_ranks(list(ranks))  # [ranks][steps] -> one dict per step
+                        for ranks in zip(*group.call("train_steps", first, count), strict=True)]
+            # The call is what the controller can time: its tokens over its wall time.
+            rate = sum(m["tokens"] for m in per_step) / max(time.perf_counter() - t0, 1e-9)
+            for step, metrics in enumerate(per_step, start=first + 1):
+                metrics["tokens_per_second"] = rate
+                log_file.write(json.dumps({"step": step, **metrics}) + "\n")
+                if (step % t.log_steps == 0 or step == t.max_steps) and step > logged_until:
+                    tracker.log_metrics(metrics, step=step)
+                log_file.flush()
+                guard.check(step, metrics)  # before this call's checkpoint: a diverged state is never saved
+            state["first_loss"] = guard.first_loss
+            done = first + count
+            acc = metrics.get("rewards/accuracies", metrics.get("rm/accuracy"))
+            info = f"loss {metrics['loss']:.4f}" + (f"  acc {acc:.2f}" if acc is not None else "")
+            progress.update(bar, completed=done, info=info + f"  {metrics['tokens_per_second']:.0f} tok/s")
+            if done % t.save_steps == 0 or done == t.max_steps:
+                save_checkpoint(group, run, done, state)
+            if evaluate is not None and ((eval_every and done % eval_every == 0) or done == t.max_steps):
+                metrics |= evaluate(done)
+    return metrics
+
+
+def combine_ranks(per_rank: list[dict[str, float]]) -> dict[str, float]:
+    """One step's metrics from every rank's: means, tokens summed, the slowest rank's seconds."""
+    import numpy as np
+
+    keys = dict.fromkeys(k for part in per_rank for k in part)
+    out = {k: float(np.mean([part[k] for part in per_rank if k in part])) for k in keys}
+    out["tokens"] = float(sum(m["tokens"] for m in per_rank))
+    out["step_seconds"] = max(m["step_seconds"] for m in per_rank)
+    return out
 
 
 def save_checkpoint(group, run: Run, step: int, state: dict) -> None:

@@ -14,6 +14,7 @@ from prefopt.losses.pairwise import GPO_FUNCTIONS, GPO_SCORES, log1mexp
 from prefopt.losses.registry import (
     LOSSES,
     PAIRWISE_LOSSES,
+    REWARD_LOSSES,
     UNPAIRED_LOSSES,
     LossOutput,
     default_params,
@@ -23,6 +24,7 @@ from prefopt.losses.registry import (
     needs_rejected,
     pairwise_loss,
     resolve_params,
+    reward_loss,
     unpaired_loss,
 )
 
@@ -32,6 +34,7 @@ __all__ = [
     "KTO_RATIO_RANGE",
     "LOSSES",
     "PAIRWISE_LOSSES",
+    "REWARD_LOSSES",
     "UNPAIRED_LOSSES",
     "LossOutput",
     "default_params",
@@ -43,5 +46,6 @@ __all__ = [
     "needs_rejected",
     "pairwise_loss",
     "resolve_params",
+    "reward_loss",
     "unpaired_loss",
 ]

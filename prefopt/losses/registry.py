@@ -20,6 +20,7 @@ from torch import Tensor
 from prefopt.losses import pairwise
 from prefopt.losses.kto import kto
 from prefopt.losses.pairwise import GPO_FUNCTIONS, GPO_SCORES, REFERENCE_SCORES, Pairs
+from prefopt.losses.reward import bradley_terry
 
 
 class LossOutput(NamedTuple):
@@ -69,10 +70,16 @@ _UNPAIRED = {
                  reference=True, lengths=False),
 }
 
+# The reward model's loss: on scalar rewards, not on a policy's log-probs.
+_REWARD = {
+    "reward_model": _Loss(bradley_terry, {"margin": 0.0, "center_weight": 0.0}, reference=False, lengths=False),
+}
+
 PAIRWISE_LOSSES = tuple(_PAIRWISE)
 UNPAIRED_LOSSES = tuple(_UNPAIRED)
+REWARD_LOSSES = tuple(_REWARD)
 # Every loss name, the one list the config and the CLI read.
-LOSSES = PAIRWISE_LOSSES + UNPAIRED_LOSSES
+LOSSES = PAIRWISE_LOSSES + UNPAIRED_LOSSES + REWARD_LOSSES
 
 # What each parameter may be: (test, description for the error message).
 _NUMBER_RULES = {
@@ -82,6 +89,8 @@ _NUMBER_RULES = {
     "tau": (lambda v: v > 0, "> 0"),
     "sft_weight": (lambda v: v >= 0, ">= 0"),
     "desirable_weight": (lambda v: v > 0, "> 0"),
+    "margin": (lambda v: v >= 0, ">= 0"),
+    "center_weight": (lambda v: v >= 0, ">= 0"),
     "undesirable_weight": (lambda v: v > 0, "> 0"),
 }
 _CHOICES = {"function": tuple(GPO_FUNCTIONS), "score": GPO_SCORES}
@@ -91,7 +100,7 @@ _CHOICES = {"function": tuple(GPO_FUNCTIONS), "score": GPO_SCORES}
 
 
 def _spec(name: str) -> _Loss:
-    spec = _PAIRWISE.get(name) or _UNPAIRED.get(name)
+    spec = _PAIRWISE.get(name) or _UNPAIRED.get(name) or _REWARD.get(name)
     if spec is None:
         known = LOSSES
         close = difflib.get_close_matches(str(name), known, n=1)
@@ -118,7 +127,7 @@ def resolve_params(name: str, **params: Any) -> dict[str, Any]:
         named = []
         for key in unknown:
             close = difflib.get_close_matches(key, spec.defaults, n=1)
-            users = [n for n, s in {**_PAIRWISE, **_UNPAIRED}.items() if key in s.defaults]
+            users = [n for n, s in {**_PAIRWISE, **_UNPAIRED, **_REWARD}.items() if key in s.defaults]
             if close:
                 named.append(f"{key!r} (did you mean {close[0]!r}?)")
             elif users:
@@ -361,4 +370,23 @@ def unpaired_loss(
             values["logps/rejected"] = policy[~desirable].mean()
         if 0 < n_desirable < desirable.numel():
             values["rewards/margins"] = values["rewards/chosen"] - values["rewards/rejected"]
+    return LossOutput(loss, per_example, _to_floats(values))
+
+
+def reward_loss(name: str, *, chosen_rewards: Tensor, rejected_rewards: Tensor, **params: Any) -> LossOutput:
+    """Run reward-model loss `name` on B pairs of scalar rewards [B] (any float dtype; fp32 math).
+
+    Metrics: loss, rm/accuracy (share of pairs with r_c > r_r), rm/margin (mean r_c − r_r),
+    rewards/chosen, rewards/rejected (mean rewards)."""
+    if name not in _REWARD:
+        raise ValueError(f"loss {name!r} is not a reward-model loss (known: {', '.join(_REWARD)})")
+    params = resolve_params(name, **params)
+    chosen = _logps("chosen_rewards", chosen_rewards, None)
+    rejected = _logps("rejected_rewards", rejected_rewards, chosen)
+    per_example = _REWARD[name].fn(chosen, rejected, **params)
+    loss = per_example.mean()
+    with torch.no_grad():
+        values = {"loss": loss, "rm/accuracy": (chosen > rejected).float().mean(),
+                  "rm/margin": (chosen - rejected).mean(), "rewards/chosen": chosen.mean(),
+                  "rewards/rejected": rejected.mean()}
     return LossOutput(loss, per_example, _to_floats(values))

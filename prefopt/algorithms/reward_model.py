@@ -1,0 +1,81 @@
+"""Reward-model training (`algorithm.name: reward_model`): the controller, top to bottom.
+
+    result = train(cfg, console)
+
+A causal LM with a scalar head learns r(x, y) from preference pairs with the Bradley–Terry
+loss (prefopt.losses.reward), on the `policy` section's ranks (ZeRO-3 and all), with the same
+data plan, checkpoints, resume, health guard and MLflow logging as the offline losses. Its
+held-out pairwise accuracy is measured at step 0, every eval.every_steps and at the end: on
+the built-in task's test split, or on `data.heldout_path`. The result is exported as the base
+model's ...ForSequenceClassification, which plain transformers loads.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from prefopt.algorithms import stages
+from prefopt.config import RunConfig
+
+
+def train(cfg: RunConfig, console, *, resume: bool | None = None):
+    from prefopt.algorithms.offline import TrainResult
+    from prefopt.tracking import Tracker
+    from prefopt.tracking.tracker import TAG_DATA_FINGERPRINT
+    from prefopt.workers.reward_model import RewardModelWorker
+
+    stages.preflight(cfg, console, with_reference=False)
+    run = stages.open_run(cfg, resume)
+    inputs = stages.prepare_inputs(cfg, console)
+    run.check_data(inputs.data)
+    if inputs.data.kind != "pair":
+        raise stages.PreflightError(f"algorithm.name=reward_model trains on preference pairs; the data is "
+                                    f"{inputs.data.format}")
+    heldout = _heldout(cfg, inputs, console)
+    stages.connect(cfg, with_reference=False)
+
+    with Tracker.start(cfg, run_id=run.mlflow_run_id, tags={TAG_DATA_FINGERPRINT: inputs.data.fingerprint}) as tracker:
+        tracker.log_config()
+        t0 = time.perf_counter()
+        group, infos = stages.start_policy(cfg, inputs, run, console, worker_cls=RewardModelWorker,
+                                           heldout_path=str(heldout.path) if heldout else None)
+        timings = {"startup_seconds": time.perf_counter() - t0}
+        try:
+            evaluate = (lambda step: _evaluate(group, heldout, step, tracker, console)) if heldout else None
+            if evaluate is not None and run.start_step == 0:
+                evaluate(0)
+            state = {"data_fingerprint": inputs.data.fingerprint, "mlflow_run_id": tracker.run_id}
+            metrics = stages.run_steps(cfg, group, run, tracker, console, state, evaluate)
+            model_dir = stages.export(group, run, console)
+        finally:
+            group.shutdown()
+        with console.status("logging the model to MLflow"):
+            tracker.log_model_dir(model_dir)
+    return TrainResult(run.output_dir, model_dir, metrics, cfg.train.max_steps, tracker.run_id, timings,
+                       [info["param_bytes"] for info in infos])
+
+
+def _heldout(cfg: RunConfig, inputs, console):
+    """Held-out pairs, tokenized like the training pairs: data.heldout_path, or the task's test split."""
+    from prefopt.data import prepare
+
+    if cfg.data.heldout_path is None and cfg.data.task is None:
+        return None
+    update = ({"path": cfg.data.heldout_path} if cfg.data.heldout_path
+              else {"split": "test", "num_examples": cfg.eval.num_prompts})
+    held_cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update=update)})
+    with console.status("reading, validating and tokenizing the held-out pairs"):
+        heldout = prepare(held_cfg, inputs.tokenizer, Path(cfg.output_dir) / "heldout")
+    console.print(f"held-out pairs: {heldout.report.summary()}")
+    return heldout
+
+
+def _evaluate(group, heldout, step: int, tracker, console) -> dict[str, float]:
+    rewards = group.split("heldout_rewards", list(range(heldout.num_rows)))
+    metrics = {"eval/rm_accuracy": sum(c > r for c, r in rewards) / len(rewards),
+               "eval/rm_margin": sum(c - r for c, r in rewards) / len(rewards)}
+    tracker.log_metrics(metrics, step=step)
+    console.print(f"eval at step {step}: held-out pairwise accuracy {metrics['eval/rm_accuracy']:.3f} "
+                  f"({len(rewards)} pairs), mean margin {metrics['eval/rm_margin']:.3f}")
+    return metrics
