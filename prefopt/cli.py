@@ -102,6 +102,24 @@ def precompute_ref(config: ConfigArg, set_: SetOpt = None) -> None:
     guarded(lambda: run(cfg, console), log_dir=cfg.output_dir)
 
 
+@app.command()
+def generate(config: ConfigArg, set_: SetOpt = None) -> None:
+    """Sample generate.num_samples completions per prompt of the data from model.path (resumable shards)."""
+    from prefopt.algorithms.generate import run
+
+    cfg = resolve(config, set_)
+    guarded(lambda: run(cfg, console), log_dir=cfg.output_dir)
+
+
+@app.command()
+def label(config: ConfigArg, set_: SetOpt = None) -> None:
+    """Score the generated completions with the reward role and write preference pairs for `prefopt train`."""
+    from prefopt.algorithms.label import run
+
+    cfg = resolve(config, set_)
+    guarded(lambda: run(cfg, console), log_dir=cfg.output_dir)
+
+
 # Sub-commands that live beside their packages, registered last so that `prefopt --help` lists them last.
 app.add_typer(data_app, name="data")
 register_tracking(app)

@@ -245,6 +245,47 @@ class SamplingConfig(Section):
     seed: int = 0
 
 
+class RewardConfig(RoleConfig):
+    """The reward role: what scores completions (`prefopt label`; PPO next). `task`: the built-in
+    task's ground truth, on the controller; `model`: a trained reward model (a scalar-head
+    directory, e.g. the export of algorithm reward_model) on its own ranks, reading text with
+    its own tokenizer."""
+
+    source: Literal["task", "model"] = "task"
+    model_path: str | None = Field(None, description="reward model directory (source: model)")
+    cpus_per_worker: float | None = Field(None, gt=0, description="null: as policy.cpus_per_worker")
+    gpus_per_worker: float | None = Field(None, ge=0, description="null: as policy.gpus_per_worker")
+    micro_batch_size: int | None = Field(None, ge=1, description="null: as policy.micro_batch_size")
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig(zero_stage=0)
+
+    @model_validator(mode="after")
+    def _model_for_model(self) -> RewardConfig:
+        if self.source == "model" and not self.model_path:
+            raise ValueError("source: model needs model_path (a reward model directory)")
+        return self
+
+
+class GenerateConfig(Section):
+    """`prefopt generate`: num_samples completions per prompt of the data, on the policy ranks."""
+
+    num_samples: int = Field(4, ge=1, description="completions per prompt (the DPO paper's protocol: 4)")
+    sampling: SamplingConfig = SamplingConfig()
+    prompts_per_shard: int = Field(64, ge=1, description="a killed run loses at most one shard")
+    output_dir: str | None = Field(None, description="null: <output_dir>/generated")
+
+
+class LabelConfig(Section):
+    """`prefopt label`: score the generated completions with the reward role, write a data set."""
+
+    input_dir: str | None = Field(None, description="generated shards; null: generate.output_dir's default")
+    output_dir: str | None = Field(None, description="null: <output_dir>/labelled")
+    pairs: Literal["best_worst", "all_pairs", "best_random", "scored"] = Field(
+        "best_worst", description="preference pairs per prompt (all_pairs: the DPO paper's 6 of 4 samples; "
+        "best_random: UltraFeedback's binarised set), or scored completions")
+    min_gap: float = Field(0.0, ge=0, description="drop pairs whose scores differ by no more than this")
+    seed: int = 0
+
+
 class EvalConfig(Section):
     """Reward and KL on a built-in task's held-out prompts: at step 0, every `every_steps`
     steps and at the end, so each run is a curve on the reward–KL plane."""
@@ -264,6 +305,9 @@ class RunConfig(Section):
     train: TrainConfig = TrainConfig()
     tracking: TrackingConfig = TrackingConfig()
     eval: EvalConfig = EvalConfig()
+    reward: RewardConfig = RewardConfig()
+    generate: GenerateConfig = GenerateConfig()
+    label: LabelConfig = LabelConfig()
     output_dir: str = "runs/default"
 
     @model_validator(mode="before")
@@ -297,6 +341,17 @@ class RunConfig(Section):
                              "asks one reference rank alone, but ZeRO-3 ranks must compute together; "
                              "use ref.num_workers: 1, ref.deepspeed.zero_stage: 0, or ref.mode: cache")
         return self
+
+    @property
+    def reward_role(self) -> RoleConfig:
+        """The reward role with its unset resources taken from the policy's."""
+        reward, policy = self.reward, self.policy
+        return RoleConfig(
+            num_workers=reward.num_workers,
+            cpus_per_worker=reward.cpus_per_worker if reward.cpus_per_worker is not None else policy.cpus_per_worker,
+            gpus_per_worker=reward.gpus_per_worker if reward.gpus_per_worker is not None else policy.gpus_per_worker,
+            micro_batch_size=reward.micro_batch_size or policy.micro_batch_size, deepspeed=reward.deepspeed,
+        )
 
     @property
     def reference(self) -> RoleConfig:

@@ -83,8 +83,6 @@ def train(cfg: RunConfig, console, *, resume: bool | None = None) -> TrainResult
             timings["startup_seconds"] = time.perf_counter() - t0
             try:
                 state = {"data_fingerprint": inputs.data.fingerprint, "mlflow_run_id": tracker.run_id}
-                if evaluator is not None and run.start_step == 0:  # the reward-KL curve starts at the reference
-                    _evaluate(evaluator, policy, 0, tracker, console)
                 evaluate = (lambda step: _evaluate(evaluator, policy, step, tracker, console)) if evaluator else None
                 metrics = stages.run_steps(cfg, policy, run, tracker, console, state, evaluate)
                 model_dir = stages.export(policy, run, console)

@@ -89,7 +89,7 @@ def fill_reference_cache(cfg: RunConfig, inputs, console, start_reference):
             done = progress.tasks[0].completed - (data.num_rows - todo)
             progress.update(task, rate=f"{done / max(time.perf_counter() - start, 1e-9):.0f}")
 
-        fill_cache(group, cache, on_shard=advance)
+        fill_cache(group, cache, missing, on_shard=advance)
     cache.verify()  # what was just written, read back: "complete" means every shard verifies
     return cache
 

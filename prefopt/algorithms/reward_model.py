@@ -43,8 +43,6 @@ def train(cfg: RunConfig, console, *, resume: bool | None = None):
         timings = {"startup_seconds": time.perf_counter() - t0}
         try:
             evaluate = (lambda step: _evaluate(group, heldout, step, tracker, console)) if heldout else None
-            if evaluate is not None and run.start_step == 0:
-                evaluate(0)
             state = {"data_fingerprint": inputs.data.fingerprint, "mlflow_run_id": tracker.run_id}
             metrics = stages.run_steps(cfg, group, run, tracker, console, state, evaluate)
             model_dir = stages.export(group, run, console)

@@ -297,7 +297,8 @@ def run_steps(cfg: RunConfig, group, run: Run, tracker, console, state: dict, ev
     """The training loop of every controller whose workers have `train_steps(first, count)`:
     steps in calls cut at logging, saving and evaluation points; each step's metrics to
     metrics.jsonl and (every train.log_steps) to MLflow; the health guard on every step before
-    the checkpoint; `evaluate(step) -> metrics` every eval.every_steps and at the end.
+    the checkpoint; `evaluate(step) -> metrics` at step 0 of a fresh run (where an offline run's
+    reward-KL curve starts: the policy is the reference), every eval.every_steps and at the end.
     -> the last step's metrics."""
     import time
 
@@ -310,6 +311,8 @@ def run_steps(cfg: RunConfig, group, run: Run, tracker, console, state: dict, ev
     # before the kill, with the same values (resume is exact): log each step once.
     logged_until = tracker.last_step("loss") if run.checkpoint is not None else 0
     metrics: dict[str, float] = {}
+    if evaluate is not None and run.start_step == 0:
+        evaluate(0)
     columns = [TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                TextColumn("{task.fields[info]}")]
     with Progress(*columns, console=console) as progress, (run.output_dir / METRICS_FILE).open("a") as log_file:

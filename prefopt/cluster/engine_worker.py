@@ -70,11 +70,11 @@ def load_model(model_dir: str, head: Head, dtype: torch.dtype):
 
 
 class EngineWorker:
-    """Base of every role's Ray actor. `role` names its config section: "policy" or "ref"."""
+    """Base of every role's Ray actor. `role` names its config section: "policy", "ref" or "reward"."""
 
     def __init__(self, config_json: str, role: str = "policy"):
         self.cfg = RunConfig.model_validate_json(config_json)
-        self.role = self.cfg.policy if role == "policy" else self.cfg.reference
+        self.role = {"policy": self.cfg.policy, "ref": self.cfg.reference, "reward": self.cfg.reward_role}[role]
         self.rank, self.world_size = 0, 1
         quiet_transformers()
         # DeepSpeed 0.19 still calls collectives that torch 2.13 deprecates, once per step.
@@ -106,6 +106,8 @@ class EngineWorker:
                           WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank))
         import deepspeed
 
+        if torch.cuda.device_count() > 1:  # Ray shows each actor its own GPU; elsewhere pick ours
+            torch.cuda.set_device(local_rank)
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
                                    timeout=datetime.timedelta(seconds=timeout_s))
         self.rank, self.world_size = rank, world_size

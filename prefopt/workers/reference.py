@@ -48,11 +48,11 @@ class ReferenceWorker(EngineWorker):
         return [{role: float(v[i]) for role, v in values.items()} for i in range(len(indices))]
 
 
-def fill_cache(group, cache, on_shard=None) -> int:
-    """Compute every missing shard of `cache` on the reference group; returns the rows computed.
-    Each shard is split across the ranks and written as soon as it is done, so a killed
-    precompute keeps what it has finished."""
-    missing = cache.missing_shards()
+def fill_cache(group, cache, missing: list, on_shard=None) -> int:
+    """Compute the `missing` shards of `cache` (cache.missing_shards(), or what the caller
+    already checked) on the reference group; returns the rows computed. Each shard is split
+    across the ranks and written as soon as it is done, so a killed precompute keeps what it
+    has finished."""
     for shard in missing:
         rows = group.split("logps_of_rows", list(range(shard.start, shard.stop)))
         values = {role: np.array([r[role] for r in rows], dtype=np.float32) for role in cache.roles}

@@ -1,0 +1,55 @@
+"""RewardWorker: the reward role's rank, scoring (prompt, completion) texts with a reward model.
+
+The model is a ...ForSequenceClassification with one label (`build(model_path, train=False,
+head="scalar")`), such as the export of algorithm reward_model. Its reward is the head's output
+at the last token of prompt + completion + EOS, as that algorithm trained it.
+
+Texts, not token ids, cross from the controller: each rank tokenizes them with the reward
+model's OWN tokenizer, so a reward model built on another tokenizer than the policy's works.
+The tokenization is training's (prefopt.data.tokenize): the prompt as the tokenizer does by
+default (BOS where it adds one), the completion without special tokens, then one EOS.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from prefopt.cluster.engine_worker import EngineWorker
+
+
+class RewardWorker(EngineWorker):
+    def __init__(self, config_json: str):
+        super().__init__(config_json, role="reward")
+
+    def tokenize(self, prompt: str, completion: str) -> tuple[list[int], list[int]]:
+        from prefopt.data.tokenize import _adds_bos
+
+        tok = self.tokenizer
+        prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        if _adds_bos(tok) and prompt_ids[:1] != [tok.bos_token_id]:
+            prompt_ids = [tok.bos_token_id, *prompt_ids]
+        completion_ids = tok(completion, add_special_tokens=False)["input_ids"]
+        while completion_ids and completion_ids[-1] == tok.eos_token_id:  # exactly one EOS at the end
+            completion_ids.pop()
+        return prompt_ids, completion_ids + [tok.eos_token_id]
+
+    @torch.no_grad()
+    def score_texts(self, items: list[dict]) -> list[float]:
+        """items [{prompt, completion}] (texts) -> one reward each."""
+        from prefopt.data.collate import pad
+        from prefopt.models import accelerator_device
+
+        self.model.eval()
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        out: list[float] = []
+        step = self.role.micro_batch_size
+        for s in range(0, len(items), step):
+            part = [self.tokenize(x["prompt"], x["completion"]) for x in items[s : s + step]]
+            batch = pad([p for p, _ in part], [c for _, c in part], pad_token_id=pad_id)
+            batch = {k: v.to(accelerator_device()) for k, v in batch.items()}
+            hidden = self.model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                           position_ids=batch["position_ids"], use_cache=False).last_hidden_state
+            last = batch["attention_mask"].sum(-1) - 1  # right padding: each row's last real token
+            rewards = self.model.score(hidden[torch.arange(hidden.shape[0], device=hidden.device), last])
+            out += rewards.squeeze(-1).float().cpu().tolist()
+        return out

@@ -1,0 +1,125 @@
+"""On-policy pairs end to end: `generate` samples the tiny model on a few task prompts into
+resumable shards, `label` scores them (the task's truth, or a reward model with a scalar head)
+and writes pairs that `train` reads as they are."""
+
+import io
+import json
+import math
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from rich.console import Console
+
+from prefopt.algorithms import generate, label
+from prefopt.config import load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+ONPOLICY = ROOT / "configs/tiny/onpolicy.yaml"
+
+
+def quiet() -> Console:
+    return Console(file=io.StringIO(), width=120)
+
+
+def config(tmp_path, model_dir, *overrides):
+    return load_config(ONPOLICY, [f"model.path={model_dir}", f"output_dir={tmp_path / 'run'}", "data.num_examples=8",
+                                  "generate.prompts_per_shard=3", "generate.sampling.max_new_tokens=12", *overrides])
+
+
+def shards(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.glob("shard-*.parquet"))}
+
+
+def test_generate_resumes_label_scores_and_train_reads_the_pairs(tmp_path, tiny_model_dir, ray_local):
+    from prefopt.algorithms import train
+
+    cfg = config(tmp_path, tiny_model_dir)
+    out = generate.run(cfg, quiet())
+    first = shards(out)
+    assert list(first) == ["shard-00000.parquet", "shard-00001.parquet", "shard-00002.parquet"]  # 8 prompts, 3 a shard
+    table = pq.read_table(out / "shard-00001.parquet").to_pydict()
+    assert table["prompt_index"] == [i for i in (3, 4, 5) for _ in range(4)] and table["sample"] == [0, 1, 2, 3] * 3
+    assert all(math.isfinite(x) and x <= 0 for x in table["logprob"])
+    assert len(set(table["completion"])) > 3  # sampled, not greedy: a prompt's 4 samples differ
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["num_samples"] == 4 and manifest["num_prompts"] == 8 and len(manifest["generator_weights"]) == 64
+
+    # Resume: a lost shard is recomputed alone, and comes out as it did the first time.
+    (out / "shard-00001.parquet").unlink()
+    kept = {n: (out / n).stat().st_mtime_ns for n in ("shard-00000.parquet", "shard-00002.parquet")}
+    generate.run(cfg, quiet())
+    assert shards(out) == first
+    assert {n: (out / n).stat().st_mtime_ns for n in kept} == kept
+
+    # Other inputs into the same directory: refused, naming what differs.
+    with pytest.raises(generate.GeneratedMismatch, match="num_samples"):
+        generate.run(config(tmp_path, tiny_model_dir, "generate.num_samples=2"), quiet())
+
+    # Label with the task's ground truth: all_pairs, the higher reward chosen.
+    pairs_file = label.run(cfg, quiet())
+    rows = [json.loads(line) for line in pairs_file.read_text().splitlines()]
+    assert rows and all(set(r) == {"prompt", "chosen", "rejected"} for r in rows)
+    from prefopt.tasks import get_task
+
+    reward = get_task("imdb_sentiment").reward
+    for r in rows:
+        chosen, rejected = reward([r["prompt"]] * 2, [r["chosen"], r["rejected"]])
+        assert chosen > rejected
+    scores = pq.read_table(pairs_file.parent / "scores.parquet").to_pydict()
+    assert len(scores["score"]) == 32
+    manifest = json.loads((pairs_file.parent / "manifest.json").read_text())
+    assert manifest["scorer"] == {"source": "task", "task": "imdb_sentiment"} and manifest["pairs"] == "all_pairs"
+
+    # prefopt train reads the labelled file as it is.
+    trained = load_config(ONPOLICY, [f"model.path={tiny_model_dir}", f"output_dir={tmp_path / 'train'}",
+                                     f"data.path={pairs_file}", "data.task=null", "data.num_examples=null",
+                                     "train.max_steps=2", "policy.micro_batch_size=2"])
+    train(trained, quiet())
+    metrics = [json.loads(line) for line in (tmp_path / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 2 and metrics[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
+
+
+def test_label_with_a_reward_model_of_its_own(tmp_path, tiny_model_dir, ray_local):
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    rm_dir = tmp_path / "rm"
+    rm = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
+    rm.save_pretrained(rm_dir)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(rm_dir)
+
+    cfg = config(tmp_path, tiny_model_dir, "data.num_examples=4", "generate.sampling.max_new_tokens=6")
+    # Before anything is generated: label says what to run first.
+    with pytest.raises(label.LabelError, match="run prefopt generate first"):
+        label.run(cfg, quiet())
+    generate.run(cfg, quiet())
+    (generate.output_dir(cfg) / "shard-00001.parquet").unlink()
+    with pytest.raises(label.LabelError, match=r"shard-00001\.parquet.*run prefopt generate first"):
+        label.run(cfg, quiet())
+    generate.run(cfg, quiet())
+
+    # A causal LM is no reward model.
+    with pytest.raises(label.LabelError, match="no scalar head"):
+        label.run(config(tmp_path, tiny_model_dir, "reward.source=model", f"reward.model_path={tiny_model_dir}"),
+                  quiet())
+
+    by_model = config(tmp_path, tiny_model_dir, "data.num_examples=4", "generate.sampling.max_new_tokens=6",
+                      "reward.source=model", f"reward.model_path={rm_dir}", "label.pairs=best_worst",
+                      f"label.output_dir={tmp_path / 'by-model'}")
+    pairs_file = label.run(by_model, quiet())
+    rows = [json.loads(line) for line in pairs_file.read_text().splitlines()]
+    assert 1 <= len(rows) <= 4 and all(set(r) == {"prompt", "chosen", "rejected"} for r in rows)
+    scored = pq.read_table(pairs_file.parent / "scores.parquet").to_pydict()
+    manifest = json.loads((pairs_file.parent / "manifest.json").read_text())
+    assert manifest["scorer"]["source"] == "model" and len(manifest["scorer"]["reward_weights"]) == 64
+
+    # Each score is the plain transformers model's output on prompt + completion + EOS.
+    tok = AutoTokenizer.from_pretrained(rm_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(rm_dir).eval()
+    for i in (0, 5):
+        ids = tok(scored["prompt"][i])["input_ids"] + tok(scored["completion"][i], add_special_tokens=False)[
+            "input_ids"] + [tok.eos_token_id]
+        with torch.no_grad():
+            expected = model(torch.tensor([ids])).logits.item()
+        assert scored["score"][i] == pytest.approx(expected, abs=1e-4)
