@@ -120,10 +120,17 @@ def check_manifest(directory: Path, manifest: dict) -> None:
     if not path.is_file():
         return
     old = json.loads(path.read_text())
-    differ = [k for k in DECISIVE if old.get(k) != manifest.get(k)]
+    differ = [k for k in DECISIVE if k != "policy_ranks" and old.get(k) != manifest.get(k)]
     if differ:
         raise GeneratedMismatch(f"{directory} holds samples of other inputs (they differ in: {', '.join(differ)}); "
                                 "set generate.output_dir to another directory, or delete it")
+    missing = [i for i in range(manifest["num_shards"]) if not (directory / shard_name(i)).is_file()]
+    if missing and old.get("policy_ranks") != manifest["policy_ranks"]:
+        # A complete output is what it is, whatever the ranks now; a resumed one must draw as before.
+        raise GeneratedMismatch(f"{directory} was sampled on {old.get('policy_ranks')} policy rank(s) and "
+                                f"{len(missing)} shard(s) are missing: each rank draws its own samples, so set "
+                                f"policy.num_workers={old.get('policy_ranks')} to resume it, or use another "
+                                "generate.output_dir")
 
 
 def write_shard(directory: Path, index: int, rows: dict[str, list]) -> None:
@@ -174,7 +181,10 @@ def run(cfg: RunConfig, console) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     for tmp in directory.glob(".shard-*.tmp"):  # half-written by a killed run: never a shard
         tmp.unlink(missing_ok=True)
-    (directory / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    if not (directory / MANIFEST).is_file():  # an existing one matches (checked) and records the first run
+        tmp = directory / f".{MANIFEST}.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
+        os.replace(tmp, directory / MANIFEST)
 
     num_shards = manifest["num_shards"]
     missing = [i for i in range(num_shards) if not (directory / shard_name(i)).is_file()]

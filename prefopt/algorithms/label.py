@@ -6,8 +6,9 @@ every completion, and writes under `label.output_dir` (default `<output_dir>/lab
     pairs.jsonl      prompt, chosen, rejected: what `prefopt train --set data.path=...` reads
                      (label.pairs: best_worst, all_pairs or best_random), or
     scored.jsonl     prompt, completion, score: one row per completion (label.pairs: scored)
-    scores.parquet   every completion with its score (prompt_index, sample, ...), for analysis
-    manifest.json    the generator's manifest, the scorer, the pairs mode
+    scores.parquet   every completion with its score (prompt_index, sample, ...); reused by the next
+                     label run into the same directory over the same samples and scorer
+    manifest.json    the generator's manifest, a hash of the samples, the scorer, the pairs mode
 
 The scorer is the reward role (`reward.source`): `task` scores the text with the built-in task's
 ground truth on the controller; `model` runs a reward model (a ...ForSequenceClassification
@@ -211,6 +212,31 @@ def scorer_description(cfg: RunConfig) -> dict:
             "reward_weights": weights_fingerprint(cfg.reward.model_path)}
 
 
+def samples_hash(table: dict[str, list]) -> str:
+    """Hex sha256 of the scored texts: a regenerated set that differs is never matched to old scores."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for row in zip(table["prompt_index"], table["sample"], table["prompt"], table["completion"], strict=True):
+        h.update(json.dumps(row, ensure_ascii=False).encode() + b"\n")
+    return h.hexdigest()
+
+
+def cached_scores(out: Path, samples: str, scorer: dict, n: int) -> list[float] | None:
+    """The scores of an earlier label run into `out`, when they are of the same samples by the same
+    scorer (another pairs mode or min_gap then costs no scoring); None otherwise."""
+    import pyarrow.parquet as pq
+
+    try:
+        old = json.loads((out / "manifest.json").read_text())
+        if old.get("samples") != samples or old.get("scorer") != scorer:
+            return None
+        scores = pq.read_table(out / "scores.parquet", columns=["score"])["score"].to_pylist()
+    except (OSError, ValueError, KeyError):  # absent, or unreadable: score again
+        return None
+    return scores if len(scores) == n else None
+
+
 # ----------------------------------------------------------------------------- the command
 
 
@@ -235,13 +261,21 @@ def run(cfg: RunConfig, console) -> Path:
                   f"scored by the {cfg.reward.source}"
                   + (f" {cfg.data.task}" if cfg.reward.source == "task" else f" at {cfg.reward.model_path}"))
     scorer = scorer_description(cfg)
-    scores = score_with_task(cfg, table, console) if cfg.reward.source == "task" else \
-        score_with_model(cfg, table, console)
+    out = output_dir(cfg)
+    samples = samples_hash(table)
+    scores = cached_scores(out, samples, scorer, n)
+    if scores is not None:
+        console.print(f"label: scores reused from {out / 'scores.parquet'} (same samples, same scorer)")
+    elif cfg.reward.source == "task":
+        scores = score_with_task(cfg, table, console)
+    else:
+        scores = score_with_model(cfg, table, console)
     rows = build_rows(table, scores, lab.pairs, min_gap=lab.min_gap, seed=lab.seed,
                       eos_token=gen_manifest.get("eos_token"))
 
-    out = output_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
+    # The manifest is written last and says what scores.parquet holds: none while it is rewritten.
+    (out / "manifest.json").unlink(missing_ok=True)
     _write_atomic(out / "scores.parquet", lambda p: pq.write_table(pa.table({**table, "score": scores}), p))
     data_file = out / ("scored.jsonl" if lab.pairs == "scored" else "pairs.jsonl")
 
@@ -251,8 +285,8 @@ def run(cfg: RunConfig, console) -> Path:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
     _write_atomic(data_file, write_jsonl)
-    manifest = {"generator": gen_manifest, "generated_dir": str(source_dir.resolve()), "scorer": scorer,
-                "pairs": lab.pairs, "min_gap": lab.min_gap, "seed": lab.seed, "file": data_file.name,
+    manifest = {"generator": gen_manifest, "generated_dir": str(source_dir.resolve()), "samples": samples,
+                "scorer": scorer, "pairs": lab.pairs, "min_gap": lab.min_gap, "seed": lab.seed, "file": data_file.name,
                 "num_rows": len(rows), "mean_score": sum(scores) / max(n, 1)}
     _write_atomic(out / "manifest.json", lambda p: p.write_text(json.dumps(manifest, indent=1, sort_keys=True)))
     what = "scored completions" if lab.pairs == "scored" else f"{lab.pairs} pairs"

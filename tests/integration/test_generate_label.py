@@ -114,6 +114,14 @@ def test_label_with_a_reward_model_of_its_own(tmp_path, tiny_model_dir, ray_loca
     manifest = json.loads((pairs_file.parent / "manifest.json").read_text())
     assert manifest["scorer"]["source"] == "model" and len(manifest["scorer"]["reward_weights"]) == 64
 
+    # Another pairs mode over the same samples and scorer: the scores are reused, no worker starts.
+    console = quiet()
+    again = by_model.model_copy(update={"label": by_model.label.model_copy(update={"pairs": "all_pairs"})})
+    label.run(again, console)
+    assert "scores reused" in console.file.getvalue()
+    assert pq.read_table(pairs_file.parent / "scores.parquet").to_pydict()["score"] == scored["score"]
+    assert len(pairs_file.read_text().splitlines()) > len(rows)
+
     # Each score is the plain transformers model's output on prompt + completion + EOS.
     tok = AutoTokenizer.from_pretrained(rm_dir)
     model = AutoModelForSequenceClassification.from_pretrained(rm_dir).eval()
