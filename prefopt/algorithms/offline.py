@@ -78,6 +78,7 @@ def train(cfg: RunConfig, console, *, resume: bool | None = None) -> TrainResult
 
         with Tracker.start(cfg, run_id=run.mlflow_run_id, tags=tags) as tracker:
             tracker.log_config()
+            tracker.log_data_input(inputs.data)
             t0 = time.perf_counter()
             policy, infos = stages.start_policy(cfg, inputs, run, console, ref_cache=ref_cache, reference=reference)
             timings["startup_seconds"] = time.perf_counter() - t0

@@ -37,6 +37,7 @@ def train(cfg: RunConfig, console, *, resume: bool | None = None):
 
     with Tracker.start(cfg, run_id=run.mlflow_run_id, tags={TAG_DATA_FINGERPRINT: inputs.data.fingerprint}) as tracker:
         tracker.log_config()
+        tracker.log_data_input(inputs.data)
         t0 = time.perf_counter()
         group, infos = stages.start_policy(cfg, inputs, run, console, worker_cls=RewardModelWorker,
                                            heldout_path=str(heldout.path) if heldout else None)

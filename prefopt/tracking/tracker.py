@@ -239,6 +239,24 @@ class Tracker:
         for i in range(0, len(items), _BATCH):
             self.client.log_batch(self.run_id, tags=items[i:i + _BATCH])
 
+    def log_data_input(self, data, context: str = "training") -> None:
+        """The run's data as an MLflow dataset input: where it came from and its fingerprint, and,
+        for pairs made by `prefopt label`, the label manifest beside them (generator, sampling,
+        scorer), so a run shows where its pairs came from."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        source = data.report.source
+        profile = {"rows": data.num_rows, "format": data.format}
+        path = Path(source.split(" (")[0])
+        manifest = path.parent / "manifest.json" if path.is_file() else None
+        if manifest is not None and manifest.is_file():
+            profile["made_by"] = json.loads(manifest.read_text())
+        dataset = Dataset(name=path.name if path.is_file() else source, digest=data.fingerprint[:36],
+                          source_type="local" if path.exists() else "prefopt_task",
+                          source=json.dumps({"uri": str(path.resolve()) if path.exists() else source}),
+                          profile=json.dumps(profile, default=str))
+        self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset, [InputTag("mlflow.data.context", context)])])
+
     def log_config(self) -> None:
         """The resolved config as `config.yaml` and as flattened params ('train.lr').
 

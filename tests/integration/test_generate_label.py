@@ -75,19 +75,33 @@ def test_generate_resumes_label_scores_and_train_reads_the_pairs(tmp_path, tiny_
     trained = load_config(ONPOLICY, [f"model.path={tiny_model_dir}", f"output_dir={tmp_path / 'train'}",
                                      f"data.path={pairs_file}", "data.task=null", "data.num_examples=null",
                                      "train.max_steps=2", "policy.micro_batch_size=2"])
-    train(trained, quiet())
+    result = train(trained, quiet())
     metrics = [json.loads(line) for line in (tmp_path / "train" / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 2 and metrics[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
+    # The DPO run shows where its pairs came from: the labelled file, with generator and scorer.
+    from mlflow import MlflowClient
+
+    (inp,) = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(result.run_id).inputs.dataset_inputs
+    assert inp.dataset.name == "pairs.jsonl" and json.loads(inp.dataset.source)["uri"] == str(pairs_file.resolve())
+    made_by = json.loads(inp.dataset.profile)["made_by"]
+    assert made_by["scorer"]["source"] == "task" and made_by["generator"]["num_samples"] == 4
 
 
 def test_label_with_a_reward_model_of_its_own(tmp_path, tiny_model_dir, ray_local):
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    from prefopt.config import TinyModelConfig
+    from prefopt.models import save_tiny
+
+    # A reward model on ANOTHER tokenizer than the policy's (a smaller vocabulary, trained apart):
+    # it must read the completions as text, with its own tokenizer.
+    other = save_tiny(tmp_path / "other", TinyModelConfig(vocab_size=512, seed=3))
     rm_dir = tmp_path / "rm"
-    rm = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
+    rm = AutoModelForSequenceClassification.from_pretrained(other, num_labels=1)
     rm.save_pretrained(rm_dir)
-    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(rm_dir)
+    AutoTokenizer.from_pretrained(other).save_pretrained(rm_dir)
+    assert len(AutoTokenizer.from_pretrained(rm_dir)) != len(AutoTokenizer.from_pretrained(tiny_model_dir))
 
     cfg = config(tmp_path, tiny_model_dir, "data.num_examples=4", "generate.sampling.max_new_tokens=6")
     # Before anything is generated: label says what to run first.
@@ -122,7 +136,7 @@ def test_label_with_a_reward_model_of_its_own(tmp_path, tiny_model_dir, ray_loca
     assert pq.read_table(pairs_file.parent / "scores.parquet").to_pydict()["score"] == scored["score"]
     assert len(pairs_file.read_text().splitlines()) > len(rows)
 
-    # Each score is the plain transformers model's output on prompt + completion + EOS.
+    # Each score is the plain transformers model's output on prompt + completion + EOS, in its tokens.
     tok = AutoTokenizer.from_pretrained(rm_dir)
     model = AutoModelForSequenceClassification.from_pretrained(rm_dir).eval()
     for i in (0, 5):
