@@ -245,14 +245,47 @@ class SamplingConfig(Section):
     seed: int = 0
 
 
+class JudgeConfig(Section):
+    """An LLM judge (reward.source: judge): a causal LM asked a question from `template`; the score
+    is read from its probabilities of the two `answers`' first tokens, never parsed from text.
+    rating: p(answers[0]) for one completion ({prompt}, {completion}); pairwise: p(answers[0]) that
+    {a} beats {b}, asked in both orders and averaged (position bias cancels, as in RLAIF)."""
+
+    mode: Literal["rating", "pairwise"] = "rating"
+    template: str = Field(
+        "Here is the start of a movie review and a continuation.\n\nStart: {prompt}\nContinuation: {completion}"
+        "\n\nIs the continuation positive? Answer Yes or No.\nAnswer:",
+        description="{prompt} and {completion} (rating), or {prompt}, {a} and {b} (pairwise)")
+    answers: tuple[str, str] = Field((" Yes", " No"), description="rating: (good, bad); pairwise: (a wins, b wins)")
+
+    @model_validator(mode="after")
+    def _placeholders(self) -> JudgeConfig:
+        import string
+
+        need = {"prompt", "completion"} if self.mode == "rating" else {"prompt", "a", "b"}
+        have = {name for _, name, _, _ in string.Formatter().parse(self.template) if name}
+        if need - have:
+            raise ValueError(f"template: a {self.mode} template needs the placeholders "
+                             f"{', '.join('{' + n + '}' for n in sorted(need))} (missing: "
+                             f"{', '.join('{' + n + '}' for n in sorted(need - have))})")
+        if have - need:
+            raise ValueError(f"template: unknown placeholder(s) {', '.join('{' + n + '}' for n in sorted(have - need))} "
+                             f"for mode {self.mode}")
+        if self.answers[0] == self.answers[1]:
+            raise ValueError("answers: the two answers must differ")
+        return self
+
+
 class RewardConfig(RoleConfig):
     """The reward role: what scores completions (`prefopt label`; PPO next). `task`: the built-in
     task's ground truth, on the controller; `model`: a trained reward model (a scalar-head
     directory, e.g. the export of algorithm reward_model) on its own ranks, reading text with
     its own tokenizer."""
 
-    source: Literal["task", "model"] = "task"
-    model_path: str | None = Field(None, description="reward model directory (source: model)")
+    source: Literal["task", "model", "judge"] = "task"
+    model_path: str | None = Field(None, description="reward model directory (source: model), or the "
+                                   "judge's causal LM (source: judge)")
+    judge: JudgeConfig = JudgeConfig()
     cpus_per_worker: float | None = Field(None, gt=0, description="null: as policy.cpus_per_worker")
     gpus_per_worker: float | None = Field(None, ge=0, description="null: as policy.gpus_per_worker")
     micro_batch_size: int | None = Field(None, ge=1, description="null: as policy.micro_batch_size")
@@ -260,8 +293,9 @@ class RewardConfig(RoleConfig):
 
     @model_validator(mode="after")
     def _model_for_model(self) -> RewardConfig:
-        if self.source == "model" and not self.model_path:
-            raise ValueError("source: model needs model_path (a reward model directory)")
+        if self.source in ("model", "judge") and not self.model_path:
+            raise ValueError(f"source: {self.source} needs model_path (a "
+                             + ("reward model" if self.source == "model" else "causal LM") + " directory)")
         return self
 
 

@@ -203,13 +203,69 @@ def score_with_model(cfg: RunConfig, table: dict[str, list], console) -> list[fl
         group.shutdown()
 
 
+def pairwise_scores(prompt_index: Sequence[int], p_first: dict[tuple[int, int], float]) -> list[float]:
+    """Each completion's score from a pairwise judge: its mean probability of beating the other
+    completions of its prompt. p_first[(i, j)]: the judge's p(the first shown wins) with i shown
+    first. P(i beats j) = (p_first[i, j] + 1 - p_first[j, i]) / 2: both orders, averaged, so a
+    judge that only prefers a position gives 0.5 (RLAIF, arXiv 2309.00267)."""
+    by_prompt: dict[int, list[int]] = {}
+    for row, prompt in enumerate(prompt_index):
+        by_prompt.setdefault(prompt, []).append(row)
+    scores = [0.5] * len(prompt_index)
+    for rows in by_prompt.values():
+        for i in rows:
+            others = [j for j in rows if j != i]
+            if others:
+                scores[i] = sum((p_first[i, j] + 1 - p_first[j, i]) / 2 for j in others) / len(others)
+    return scores
+
+
+def score_with_judge(cfg: RunConfig, table: dict[str, list], console) -> list[float]:
+    """An LLM judge on the reward role's ranks: rating (one question per completion) or pairwise
+    (every ordered pair of a prompt's completions: both orders are asked)."""
+    from prefopt.algorithms import stages
+    from prefopt.cluster.worker_group import WorkerGroup
+    from prefopt.workers.reward import RewardWorker
+
+    judge, role = cfg.reward.judge, cfg.reward_role
+    prompts, completions = table["prompt"], table["completion"]
+    if judge.mode == "rating":
+        keys = list(range(len(prompts)))
+        questions = [judge.template.format(prompt=prompts[i], completion=completions[i]) for i in keys]
+    else:
+        keys = [(i, j) for i in range(len(prompts)) for j in range(len(prompts))
+                if i != j and table["prompt_index"][i] == table["prompt_index"][j]]
+        questions = [judge.template.format(prompt=prompts[i], a=completions[i], b=completions[j]) for i, j in keys]
+    stages.connect(cfg, with_reference=False)
+    with console.status(f"starting {role.num_workers} judge worker(s)"):
+        group = WorkerGroup(RewardWorker, role, cfg.cluster, name="reward", key="reward",
+                            init_args=(cfg.model_dump_json(),))
+    try:
+        group.call("build", cfg.reward.model_path, train=False, head="lm")
+        chunk = role.micro_batch_size * role.num_workers * 8
+        probs: list[float] = []
+        with _progress(console, len(questions)) as progress:
+            bar = progress.add_task("label", total=len(questions))
+            for s in range(0, len(questions), chunk):
+                probs += group.split("judge", questions[s : s + chunk], list(judge.answers))
+                progress.update(bar, completed=len(probs))
+    finally:
+        group.shutdown()
+    if judge.mode == "rating":
+        return probs
+    return pairwise_scores(table["prompt_index"], dict(zip(keys, probs, strict=True)))
+
+
 def scorer_description(cfg: RunConfig) -> dict:
     if cfg.reward.source == "task":
         return {"source": "task", "task": cfg.data.task}
     from prefopt.refcache.fingerprint import weights_fingerprint
 
-    return {"source": "model", "model_path": str(Path(cfg.reward.model_path).resolve()),
-            "reward_weights": weights_fingerprint(cfg.reward.model_path)}
+    described = {"source": cfg.reward.source, "model_path": str(Path(cfg.reward.model_path).resolve()),
+                 "reward_weights": weights_fingerprint(cfg.reward.model_path)}
+    if cfg.reward.source == "judge":
+        described["judge"] = cfg.reward.judge.model_dump(mode="json")
+    return described
 
 
 def samples_hash(table: dict[str, list]) -> str:
@@ -254,6 +310,9 @@ def run(cfg: RunConfig, console) -> Path:
     lab = cfg.label
     if cfg.reward.source == "model":
         check_reward_model(cfg.reward.model_path)  # before reading anything: seconds, not minutes
+    if cfg.reward.source == "judge" and not (Path(cfg.reward.model_path) / "config.json").is_file():
+        raise LabelError(f"reward.model_path: {cfg.reward.model_path} is not a Hugging Face model directory "
+                         "(no config.json); the judge is a causal LM")
     source_dir = input_dir(cfg)
     gen_manifest, table = read_generated(source_dir)
     n = len(table["completion"])
@@ -268,6 +327,8 @@ def run(cfg: RunConfig, console) -> Path:
         console.print(f"label: scores reused from {out / 'scores.parquet'} (same samples, same scorer)")
     elif cfg.reward.source == "task":
         scores = score_with_task(cfg, table, console)
+    elif cfg.reward.source == "judge":
+        scores = score_with_judge(cfg, table, console)
     else:
         scores = score_with_model(cfg, table, console)
     rows = build_rows(table, scores, lab.pairs, min_gap=lab.min_gap, seed=lab.seed,

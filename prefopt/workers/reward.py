@@ -53,3 +53,30 @@ class RewardWorker(EngineWorker):
             rewards = self.model.score(hidden[torch.arange(hidden.shape[0], device=hidden.device), last])
             out += rewards.squeeze(-1).float().cpu().tolist()
         return out
+
+    @torch.no_grad()
+    def judge(self, questions: list[str], answers: list[str]) -> list[float]:
+        """p(answers[0]) / (p(answers[0]) + p(answers[1])) after each question (text), read from
+        the judge's next-token probabilities of each answer's first token: a number, never text
+        parsed from a generation. The judge is a causal LM (`build(..., head="lm")`)."""
+        from prefopt.models import accelerator_device
+
+        tok = self.tokenizer
+        first = [tok(a, add_special_tokens=False)["input_ids"][0] for a in answers]
+        self.model.eval()
+        pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        out: list[float] = []
+        step = self.role.micro_batch_size
+        for s in range(0, len(questions), step):
+            ids = [tok(q)["input_ids"] for q in questions[s : s + step]]
+            # Right padding, read at each row's last token: with left padding the pad positions
+            # attend to nothing, and the NaN they make reaches real tokens through attention.
+            width = max(len(x) for x in ids)
+            input_ids = torch.tensor([x + [pad_id] * (width - len(x)) for x in ids], device=accelerator_device())
+            mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids], device=accelerator_device())
+            last = mask.sum(-1) - 1
+            logits = self.model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
+            logits = logits[torch.arange(len(ids), device=logits.device), last].float()  # [B, V]
+            two = torch.log_softmax(logits[:, first], dim=-1)  # renormalised over the two answers
+            out += two[:, 0].exp().cpu().tolist()
+        return out

@@ -145,3 +145,42 @@ def test_label_with_a_reward_model_of_its_own(tmp_path, tiny_model_dir, ray_loca
         with torch.no_grad():
             expected = model(torch.tensor([ids])).logits.item()
         assert scored["score"][i] == pytest.approx(expected, abs=1e-4)
+
+
+def test_label_with_an_llm_judge(tmp_path, tiny_model_dir, ray_local):
+    """The judge is a causal LM read through its answer-token probabilities. A judge blind to what
+    it is shown but fond of the first position rates every completion alike, far from 0.5; asked
+    pairwise in both orders, its preference cancels: every completion scores 0.5."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg = config(tmp_path, tiny_model_dir, "data.num_examples=3", "generate.sampling.max_new_tokens=6")
+    generate.run(cfg, quiet())
+
+    # A real tiny LM made content-blind: every token embeds alike, so every hidden state is the
+    # same vector whatever the text; its output layer then prefers answer " A" by a logit of 3.
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model.config.tie_word_embeddings = False
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:] = model.model.embed_tokens.weight[100].clone()  # row 0 is the zero pad
+        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.clone())
+        h = model.model.norm(model.model(torch.tensor([[5, 6, 7]])).last_hidden_state[0, -1])
+        a, b = (tok(x, add_special_tokens=False).input_ids[0] for x in (" A", " B"))
+        model.lm_head.weight[a] = model.lm_head.weight[b] + 3.0 * h / h.dot(h)
+    judge_dir = tmp_path / "judge"
+    model.save_pretrained(judge_dir)
+    tok.save_pretrained(judge_dir)
+
+    judge = ["reward.source=judge", f"reward.model_path={judge_dir}", "reward.judge.answers=[' A', ' B']"]
+    rating = config(tmp_path, tiny_model_dir, "data.num_examples=3", "generate.sampling.max_new_tokens=6", *judge,
+                    "reward.judge.template=Start: {prompt} End: {completion} Good?", "label.pairs=scored",
+                    f"label.output_dir={tmp_path / 'rating'}")
+    rated = pq.read_table(label.run(rating, quiet()).parent / "scores.parquet").to_pydict()["score"]
+    assert rated == pytest.approx([1 / (1 + math.exp(-3))] * 12, abs=1e-4)  # sigmoid(3): its taste for " A"
+
+    pairwise = config(tmp_path, tiny_model_dir, "data.num_examples=3", "generate.sampling.max_new_tokens=6", *judge,
+                      "reward.judge.mode=pairwise", "reward.judge.template=Start: {prompt} A: {a} B: {b} Which?",
+                      "label.pairs=scored", f"label.output_dir={tmp_path / 'pairwise'}")
+    scored = pq.read_table(label.run(pairwise, quiet()).parent / "scores.parquet").to_pydict()["score"]
+    assert scored == pytest.approx([0.5] * 12, abs=1e-6)

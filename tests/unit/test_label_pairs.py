@@ -74,3 +74,33 @@ def test_build_rows_scored_keeps_every_usable_completion_with_its_score():
 
 def test_usable():
     assert usable(" ok", "</s>") and not usable(" \n", "</s>") and not usable("a</s>", "</s>") and usable("a", None)
+
+
+def test_a_pairwise_judge_is_asked_both_orders_and_a_position_preference_cancels():
+    from prefopt.algorithms.label import pairwise_scores
+
+    # Two prompts: completions 0, 1, 2 of prompt 7 and 3, 4 of prompt 9.
+    prompt_index = [7, 7, 7, 9, 9]
+    pairs = [(i, j) for i in range(5) for j in range(5) if i != j and prompt_index[i] == prompt_index[j]]
+    # A judge that always says "the first shown wins" with 0.9, whatever it is shown: all 0.5.
+    assert pairwise_scores(prompt_index, dict.fromkeys(pairs, 0.9)) == pytest.approx([0.5] * 5)
+    # A judge that prefers completion 0 in both orders (0.8 shown first, 0.3 shown second), and is
+    # indifferent otherwise: P(0 beats j) = (0.8 + 1 - 0.3) / 2 = 0.75.
+    p = dict.fromkeys(pairs, 0.5)
+    for j in (1, 2):
+        p[0, j], p[j, 0] = 0.8, 0.3
+    scores = pairwise_scores(prompt_index, p)
+    assert scores[0] == pytest.approx(0.75)
+    assert scores[1] == pytest.approx((0.25 + 0.5) / 2)  # loses to 0, ties with 2
+    assert scores[3] == scores[4] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize(("mode", "template", "says"), [
+    ("rating", "Is {prompt} good?", "missing: {completion}"),
+    ("pairwise", "{prompt}: {a} or {completion}?", "missing: {b}"),
+])
+def test_a_judge_template_without_its_placeholders_is_refused(mode, template, says):
+    from prefopt.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"reward\.judge: template: .*" + says.replace("{", r"\{").replace("}", r"\}")):
+        load_config(None, [f"reward.judge.mode={mode}", f"reward.judge.template={template}"])
