@@ -376,27 +376,25 @@ class RunConfig(Section):
                              "use ref.num_workers: 1, ref.deepspeed.zero_stage: 0, or ref.mode: cache")
         return self
 
+    def _beside_policy(self, role: RefConfig | RewardConfig) -> RoleConfig:
+        """A frozen role's ranks, with the resources it leaves unset (None) taken from the policy's."""
+        def own(field: str):
+            value = getattr(role, field)
+            return value if value is not None else getattr(self.policy, field)
+
+        return RoleConfig(num_workers=role.num_workers, cpus_per_worker=own("cpus_per_worker"),
+                          gpus_per_worker=own("gpus_per_worker"), micro_batch_size=own("micro_batch_size"),
+                          deepspeed=role.deepspeed)
+
     @property
     def reward_role(self) -> RoleConfig:
         """The reward role with its unset resources taken from the policy's."""
-        reward, policy = self.reward, self.policy
-        return RoleConfig(
-            num_workers=reward.num_workers,
-            cpus_per_worker=reward.cpus_per_worker if reward.cpus_per_worker is not None else policy.cpus_per_worker,
-            gpus_per_worker=reward.gpus_per_worker if reward.gpus_per_worker is not None else policy.gpus_per_worker,
-            micro_batch_size=reward.micro_batch_size or policy.micro_batch_size, deepspeed=reward.deepspeed,
-        )
+        return self._beside_policy(self.reward)
 
     @property
     def reference(self) -> RoleConfig:
         """The reference role with its unset resources taken from the policy's."""
-        ref, policy = self.ref, self.policy
-        return RoleConfig(
-            num_workers=ref.num_workers,
-            cpus_per_worker=ref.cpus_per_worker if ref.cpus_per_worker is not None else policy.cpus_per_worker,
-            gpus_per_worker=ref.gpus_per_worker if ref.gpus_per_worker is not None else policy.gpus_per_worker,
-            micro_batch_size=ref.micro_batch_size or policy.micro_batch_size, deepspeed=ref.deepspeed,
-        )
+        return self._beside_policy(self.ref)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

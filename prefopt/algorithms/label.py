@@ -177,7 +177,9 @@ def score_with_task(cfg: RunConfig, table: dict[str, list], console, chunk: int 
     return [float(x) for x in scores]
 
 
-def score_with_model(cfg: RunConfig, table: dict[str, list], console) -> list[float]:
+def on_reward_role(cfg: RunConfig, console, head: str, method: str, items: list, *args) -> list[float]:
+    """`method(items, *args)` on the reward role's ranks (RewardWorker holding reward.model_path
+    with `head`), the items split across them in chunks, with a progress bar: one number per item."""
     from prefopt.algorithms import stages
     from prefopt.cluster.worker_group import WorkerGroup
     from prefopt.workers.reward import RewardWorker
@@ -188,19 +190,23 @@ def score_with_model(cfg: RunConfig, table: dict[str, list], console) -> list[fl
         group = WorkerGroup(RewardWorker, role, cfg.cluster, name="reward", key="reward",
                             init_args=(cfg.model_dump_json(),))
     try:
-        group.call("build", cfg.reward.model_path, train=False, head="scalar")
-        items = [{"prompt": p, "completion": c} for p, c in zip(table["prompt"], table["completion"], strict=True)]
+        group.call("build", cfg.reward.model_path, train=False, head=head)
         # A few calls rather than one, so the bar moves; each a multiple of every rank's micro-batch.
         chunk = role.micro_batch_size * role.num_workers * 8
-        scores: list[float] = []
+        out: list[float] = []
         with _progress(console, len(items)) as progress:
             bar = progress.add_task("label", total=len(items))
             for s in range(0, len(items), chunk):
-                scores += group.split("score_texts", items[s : s + chunk])
-                progress.update(bar, completed=len(scores))
-        return scores
+                out += group.split(method, items[s : s + chunk], *args)
+                progress.update(bar, completed=len(out))
+        return out
     finally:
         group.shutdown()
+
+
+def score_with_model(cfg: RunConfig, table: dict[str, list], console) -> list[float]:
+    items = [{"prompt": p, "completion": c} for p, c in zip(table["prompt"], table["completion"], strict=True)]
+    return on_reward_role(cfg, console, "scalar", "score_texts", items)
 
 
 def pairwise_scores(prompt_index: Sequence[int], p_first: dict[tuple[int, int], float]) -> list[float]:
@@ -223,11 +229,7 @@ def pairwise_scores(prompt_index: Sequence[int], p_first: dict[tuple[int, int], 
 def score_with_judge(cfg: RunConfig, table: dict[str, list], console) -> list[float]:
     """An LLM judge on the reward role's ranks: rating (one question per completion) or pairwise
     (every ordered pair of a prompt's completions: both orders are asked)."""
-    from prefopt.algorithms import stages
-    from prefopt.cluster.worker_group import WorkerGroup
-    from prefopt.workers.reward import RewardWorker
-
-    judge, role = cfg.reward.judge, cfg.reward_role
+    judge = cfg.reward.judge
     prompts, completions = table["prompt"], table["completion"]
     if judge.mode == "rating":
         keys = list(range(len(prompts)))
@@ -236,21 +238,7 @@ def score_with_judge(cfg: RunConfig, table: dict[str, list], console) -> list[fl
         keys = [(i, j) for i in range(len(prompts)) for j in range(len(prompts))
                 if i != j and table["prompt_index"][i] == table["prompt_index"][j]]
         questions = [judge.template.format(prompt=prompts[i], a=completions[i], b=completions[j]) for i, j in keys]
-    stages.connect(cfg, with_reference=False)
-    with console.status(f"starting {role.num_workers} judge worker(s)"):
-        group = WorkerGroup(RewardWorker, role, cfg.cluster, name="reward", key="reward",
-                            init_args=(cfg.model_dump_json(),))
-    try:
-        group.call("build", cfg.reward.model_path, train=False, head="lm")
-        chunk = role.micro_batch_size * role.num_workers * 8
-        probs: list[float] = []
-        with _progress(console, len(questions)) as progress:
-            bar = progress.add_task("label", total=len(questions))
-            for s in range(0, len(questions), chunk):
-                probs += group.split("judge", questions[s : s + chunk], list(judge.answers))
-                progress.update(bar, completed=len(probs))
-    finally:
-        group.shutdown()
+    probs = on_reward_role(cfg, console, "lm", "judge", questions, list(judge.answers))
     if judge.mode == "rating":
         return probs
     return pairwise_scores(table["prompt_index"], dict(zip(keys, probs, strict=True)))

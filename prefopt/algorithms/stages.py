@@ -344,10 +344,9 @@ def run_steps(cfg: RunConfig, group, run: Run, tracker, console, state: dict, ev
 
 def combine_ranks(per_rank: list[dict[str, float]]) -> dict[str, float]:
     """One step's metrics from every rank's: means, tokens summed, the slowest rank's seconds."""
-    import numpy as np
+    from prefopt.workers.offline_step import mean_metrics
 
-    keys = dict.fromkeys(k for part in per_rank for k in part)
-    out = {k: float(np.mean([part[k] for part in per_rank if k in part])) for k in keys}
+    out = mean_metrics(per_rank)
     out["tokens"] = float(sum(m["tokens"] for m in per_rank))
     out["step_seconds"] = max(m["step_seconds"] for m in per_rank)
     return out

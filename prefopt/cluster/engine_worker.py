@@ -182,6 +182,15 @@ class EngineWorker:
 
         return unwrap_model_for_generation(self.engine)
 
+    def last_token_scalar(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """A scalar head's output at each row's last real token of a right-padded batch
+        (prefopt.data.collate.pad): the reward of a reward model. [N] fp32; keeps the graph."""
+        hidden = self.model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                       position_ids=batch["position_ids"], use_cache=False).last_hidden_state
+        last = batch["attention_mask"].sum(-1) - 1  # right padding: each row's last real token
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        return self.model.score(hidden[rows, last]).squeeze(-1).float()
+
     @torch.no_grad()
     def score(self, samples: list[dict]) -> list[list[float]]:
         """Per-token scores of given completions: samples [{prompt_ids, completion_ids}] -> for

@@ -47,11 +47,7 @@ class RewardWorker(EngineWorker):
             part = [self.tokenize(x["prompt"], x["completion"]) for x in items[s : s + step]]
             batch = pad([p for p, _ in part], [c for _, c in part], pad_token_id=pad_id)
             batch = {k: v.to(accelerator_device()) for k, v in batch.items()}
-            hidden = self.model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                           position_ids=batch["position_ids"], use_cache=False).last_hidden_state
-            last = batch["attention_mask"].sum(-1) - 1  # right padding: each row's last real token
-            rewards = self.model.score(hidden[torch.arange(hidden.shape[0], device=hidden.device), last])
-            out += rewards.squeeze(-1).float().cpu().tolist()
+            out += self.last_token_scalar(batch).cpu().tolist()
         return out
 
     @torch.no_grad()

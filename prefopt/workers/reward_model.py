@@ -42,11 +42,7 @@ class RewardModelWorker(EngineWorker):
         batch = collate(data.rows(indices), pad_token_id=data.pad_token_id, packing=False,
                         max_length=data.max_length)
         batch = {k: v.to(accelerator_device()) for k, v in batch.items()}
-        hidden = self.model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                       position_ids=batch["position_ids"], use_cache=False).last_hidden_state
-        last = batch["attention_mask"].sum(-1) - 1  # [2B], right padding: the last real token
-        rewards = self.model.score(hidden[torch.arange(hidden.shape[0], device=hidden.device), last])
-        rewards = rewards.squeeze(-1).float()  # [2B]
+        rewards = self.last_token_scalar(batch)  # [2B]
         b = len(indices)
         return rewards[:b], rewards[b:], int(batch["attention_mask"].sum())
 
