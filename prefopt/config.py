@@ -130,8 +130,17 @@ class AlgorithmConfig(Section):
         # Ask the loss library now, before any process starts, rather than on the first step.
         from prefopt.losses import resolve_params
 
+        if self.name in ONLINE_ALGORITHMS:  # their settings have their own section (ppo)
+            if self.loss_params():
+                raise ValueError(f"{', '.join(self.loss_params())}: not a setting of {self.name}; "
+                                 f"its settings are in the {self.name} section")
+            return self
         resolve_params(self.name, **self.loss_params())
         return self
+
+
+# Algorithms that learn from their own samples, not from a loss over a fixed data set.
+ONLINE_ALGORITHMS = ("ppo",)
 
 
 class DeepSpeedConfig(Section):
@@ -257,6 +266,25 @@ class JudgeConfig(Section):
         "\n\nIs the continuation positive? Answer Yes or No.\nAnswer:",
         description="{prompt} and {completion} (rating), or {prompt}, {a} and {b} (pairwise)")
     answers: tuple[str, str] = Field((" Yes", " No"), description="rating: (good, bad); pairwise: (a wins, b wins)")
+    endpoint: str | None = Field(None, description="base URL of an OpenAI-compatible server whose /completions "
+                                 "echoes prompt log-probs (vLLM: http://127.0.0.1:8000/v1); null: the local causal "
+                                 "LM at reward.model_path")
+    model: str | None = Field(None, description="the model name sent to the endpoint (required with endpoint)")
+    api_key_env: str = Field("OPENAI_API_KEY", description="env var holding the endpoint's bearer token; "
+                             "unset: no Authorization header")
+    timeout_s: float = Field(60.0, gt=0, description="per request to the endpoint")
+    requests_in_flight: int = Field(4, ge=1, le=64, description="concurrent requests to the endpoint")
+    questions_per_request: int = Field(8, ge=1, description="questions per request to the endpoint (each is "
+                                       "sent as two prompts: question + each answer)")
+
+    @model_validator(mode="after")
+    def _endpoint(self) -> JudgeConfig:
+        if self.endpoint is not None:
+            if not self.endpoint.startswith(("http://", "https://")):
+                raise ValueError(f"endpoint: {self.endpoint!r} is no http(s) URL (e.g. http://127.0.0.1:8000/v1)")
+            if not self.model:
+                raise ValueError("model: a judge endpoint needs the name of the model it serves")
+        return self
 
     @model_validator(mode="after")
     def _placeholders(self) -> JudgeConfig:
@@ -293,9 +321,15 @@ class RewardConfig(RoleConfig):
 
     @model_validator(mode="after")
     def _model_for_model(self) -> RewardConfig:
-        if self.source in ("model", "judge") and not self.model_path:
+        served = self.source == "judge" and self.judge.endpoint
+        if served and self.model_path:
+            raise ValueError(f"source: judge has both model_path ({self.model_path}) and judge.endpoint "
+                             f"({self.judge.endpoint}); set model_path for a local judge or judge.endpoint for a "
+                             "served one, not both")
+        if self.source in ("model", "judge") and not (self.model_path or served):
             raise ValueError(f"source: {self.source} needs model_path (a "
-                             + ("reward model" if self.source == "model" else "causal LM") + " directory)")
+                             + ("reward model directory)" if self.source == "model"
+                                else "causal LM directory) or judge.endpoint (a served judge)"))
         return self
 
 
@@ -320,6 +354,50 @@ class LabelConfig(Section):
     seed: int = 0
 
 
+class CriticConfig(RoleConfig):
+    """PPO's critic: a scalar-head model with its own engine group and optimizer (ZeRO-3 like
+    the policy), reading the policy's tokens. Started only with ppo.advantage: gae."""
+
+    model_path: str | None = Field(None, description="a reward model export (...ForSequenceClassification) "
+                                   "or a causal LM; null: the policy's starting model with a new head")
+    lr: float | None = Field(None, gt=0, le=1, description="null: train.lr")
+    cpus_per_worker: float | None = Field(None, gt=0, description="null: as policy.cpus_per_worker")
+    gpus_per_worker: float | None = Field(None, ge=0, description="null: as policy.gpus_per_worker")
+    micro_batch_size: int | None = Field(None, ge=1, description="null: as policy.micro_batch_size")
+
+
+class PPOConfig(Section):
+    """PPO (algorithm.name: ppo): one train step is one iteration: sample, score, shape, GAE, update.
+    Defaults, and where each comes from: docs/ppo.md."""
+
+    rollout_prompts: int = Field(32, ge=1, description="prompts sampled per iteration")
+    samples_per_prompt: int = Field(1, ge=1, description="K completions per prompt (rloo and grpo need K >= 2)")
+    advantage: Literal["gae", "rloo", "grpo"] = Field(
+        "gae", description="gae: a critic; rloo, grpo: critic-free baselines over the K samples of a prompt")
+    epochs: int = Field(2, ge=1, description="passes over each rollout batch")
+    clip: float = Field(0.2, gt=0, description="policy ratio clip epsilon")
+    value_clip: float = Field(0.2, gt=0, description="critic value clip around the rollout's values")
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda")
+    kl_coef: float = Field(0.05, ge=0, description="the KL penalty's coefficient (initial one when adaptive)")
+    kl_target: float | None = Field(None, gt=0, description="nats per sequence; set: the adaptive controller")
+    kl_horizon: int = Field(10000, ge=1, description="adaptive controller horizon (samples)")
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    whiten_advantages: bool = True
+    reward_clip: float | None = Field(10.0, gt=0, description="clip scores to +-this; null: no clip")
+    whiten_rewards: bool = Field(False, description="whiten the scores over each rollout batch")
+    missing_eos_penalty: float | None = Field(
+        None, ge=0, description="subtract from the score of a completion that never ended (no EOS)")
+    sampling: SamplingConfig = SamplingConfig()
+
+    @model_validator(mode="after")
+    def _k_for_baselines(self) -> PPOConfig:
+        if self.advantage in ("rloo", "grpo") and self.samples_per_prompt < 2:
+            raise ValueError(f"advantage: {self.advantage} compares the samples of a prompt; set "
+                             "samples_per_prompt: 2 or more")
+        return self
+
+
 class EvalConfig(Section):
     """Reward and KL on a built-in task's held-out prompts: at step 0, every `every_steps`
     steps and at the end, so each run is a curve on the reward–KL plane."""
@@ -342,6 +420,8 @@ class RunConfig(Section):
     reward: RewardConfig = RewardConfig()
     generate: GenerateConfig = GenerateConfig()
     label: LabelConfig = LabelConfig()
+    ppo: PPOConfig = PPOConfig()
+    critic: CriticConfig = CriticConfig()
     output_dir: str = "runs/default"
 
     @model_validator(mode="before")
@@ -367,7 +447,11 @@ class RunConfig(Section):
         if self.data.path is None and self.data.task is None:
             raise ValueError("set data.path (a file) or data.task (a built-in task)")
         name, params = self.algorithm.name, self.algorithm.loss_params()
-        if self.ref.mode == "none" and needs_reference(name, **params):
+        if name in ONLINE_ALGORITHMS:
+            if self.data.path is None and self.data.format not in ("auto", "prompt_only"):
+                raise ValueError(f"algorithm.name={name} samples its own completions of prompts; "
+                                 f"use data.format: prompt_only (got {self.data.format})")
+        elif self.ref.mode == "none" and needs_reference(name, **params):
             raise ValueError(f"algorithm.name={name} needs a reference model, but ref.mode is none "
                              "(use ref.mode: cache or live, or a reference-free loss: simpo, cpo, orpo, sft)")
         if self.ref.mode == "live" and self.ref.deepspeed.zero_stage == 3 and self.ref.num_workers > 1:
@@ -376,7 +460,7 @@ class RunConfig(Section):
                              "use ref.num_workers: 1, ref.deepspeed.zero_stage: 0, or ref.mode: cache")
         return self
 
-    def _beside_policy(self, role: RefConfig | RewardConfig) -> RoleConfig:
+    def _beside_policy(self, role: RefConfig | RewardConfig | CriticConfig) -> RoleConfig:
         """A frozen role's ranks, with the resources it leaves unset (None) taken from the policy's."""
         def own(field: str):
             value = getattr(role, field)
@@ -390,6 +474,11 @@ class RunConfig(Section):
     def reward_role(self) -> RoleConfig:
         """The reward role with its unset resources taken from the policy's."""
         return self._beside_policy(self.reward)
+
+    @property
+    def critic_role(self) -> RoleConfig:
+        """The critic role with its unset resources taken from the policy's."""
+        return self._beside_policy(self.critic)
 
     @property
     def reference(self) -> RoleConfig:

@@ -238,7 +238,12 @@ def score_with_judge(cfg: RunConfig, table: dict[str, list], console) -> list[fl
         keys = [(i, j) for i in range(len(prompts)) for j in range(len(prompts))
                 if i != j and table["prompt_index"][i] == table["prompt_index"][j]]
         questions = [judge.template.format(prompt=prompts[i], a=completions[i], b=completions[j]) for i, j in keys]
-    probs = on_reward_role(cfg, console, "lm", "judge", questions, list(judge.answers))
+    if judge.endpoint:
+        from prefopt.algorithms import judge_http
+
+        probs = judge_http.score(judge, questions, list(judge.answers), console)
+    else:
+        probs = on_reward_role(cfg, console, "lm", "judge", questions, list(judge.answers))
     if judge.mode == "rating":
         return probs
     return pairwise_scores(table["prompt_index"], dict(zip(keys, probs, strict=True)))
@@ -247,12 +252,18 @@ def score_with_judge(cfg: RunConfig, table: dict[str, list], console) -> list[fl
 def scorer_description(cfg: RunConfig) -> dict:
     if cfg.reward.source == "task":
         return {"source": "task", "task": cfg.data.task}
+    # What the judge is asked; how it is reached (timeouts, concurrency, the key) changes no score.
+    asked = cfg.reward.judge.model_dump(mode="json", include={"mode", "template", "answers"})
+    if cfg.reward.source == "judge" and cfg.reward.judge.endpoint:
+        # The served weights cannot be fingerprinted from here: the endpoint and model name stand for them.
+        return {"source": "judge", "endpoint": cfg.reward.judge.endpoint, "model": cfg.reward.judge.model,
+                "judge": asked}
     from prefopt.refcache.fingerprint import weights_fingerprint
 
     described = {"source": cfg.reward.source, "model_path": str(Path(cfg.reward.model_path).resolve()),
                  "reward_weights": weights_fingerprint(cfg.reward.model_path)}
     if cfg.reward.source == "judge":
-        described["judge"] = cfg.reward.judge.model_dump(mode="json")
+        described["judge"] = asked
     return described
 
 
@@ -298,7 +309,12 @@ def run(cfg: RunConfig, console) -> Path:
     lab = cfg.label
     if cfg.reward.source == "model":
         check_reward_model(cfg.reward.model_path)  # before reading anything: seconds, not minutes
-    if cfg.reward.source == "judge" and not (Path(cfg.reward.model_path) / "config.json").is_file():
+    judge = cfg.reward.judge
+    if cfg.reward.source == "judge" and judge.endpoint:
+        from prefopt.algorithms import judge_http
+
+        judge_http.check_endpoint(judge)  # before reading anything: seconds, not minutes
+    elif cfg.reward.source == "judge" and not (Path(cfg.reward.model_path) / "config.json").is_file():
         raise LabelError(f"reward.model_path: {cfg.reward.model_path} is not a Hugging Face model directory "
                          "(no config.json); the judge is a causal LM")
     source_dir = input_dir(cfg)
@@ -306,7 +322,9 @@ def run(cfg: RunConfig, console) -> Path:
     n = len(table["completion"])
     console.print(f"label: {n} completions of {gen_manifest['num_prompts']} prompts from {source_dir}, "
                   f"scored by the {cfg.reward.source}"
-                  + (f" {cfg.data.task}" if cfg.reward.source == "task" else f" at {cfg.reward.model_path}"))
+                  + (f" {cfg.data.task}" if cfg.reward.source == "task" else
+                     f" {judge.model} at {judge.endpoint}" if cfg.reward.source == "judge" and judge.endpoint else
+                     f" at {cfg.reward.model_path}"))
     scorer = scorer_description(cfg)
     out = output_dir(cfg)
     samples = samples_hash(table)

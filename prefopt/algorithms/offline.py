@@ -84,8 +84,9 @@ def train(cfg: RunConfig, console, *, resume: bool | None = None) -> TrainResult
             timings["startup_seconds"] = time.perf_counter() - t0
             try:
                 state = {"data_fingerprint": inputs.data.fingerprint, "mlflow_run_id": tracker.run_id}
-                evaluate = (lambda step: _evaluate(evaluator, policy, step, tracker, console)) if evaluator else None
-                metrics = stages.run_steps(cfg, policy, run, tracker, console, state, evaluate)
+                evaluate = (lambda step: log_evaluation(evaluator, policy, step, tracker, console)) if evaluator else None
+                metrics = stages.run_steps(cfg, stages.steps_on(policy), stages.saver(policy, run), run, tracker,
+                                           console, state, evaluate)
                 model_dir = stages.export(policy, run, console)
             finally:
                 policy.shutdown()
@@ -98,7 +99,7 @@ def train(cfg: RunConfig, console, *, resume: bool | None = None) -> TrainResult
                        [info["param_bytes"] for info in infos])
 
 
-def _evaluate(evaluator, policy, step: int, tracker, console) -> dict[str, float]:
+def log_evaluation(evaluator, policy, step: int, tracker, console) -> dict[str, float]:
     result = evaluator(policy)
     tracker.log_metrics(result.metrics, step=step)
     tracker.log_generations(result.samples, step=step)

@@ -45,7 +45,8 @@ def train(cfg: RunConfig, console, *, resume: bool | None = None):
         try:
             evaluate = (lambda step: _evaluate(group, heldout, step, tracker, console)) if heldout else None
             state = {"data_fingerprint": inputs.data.fingerprint, "mlflow_run_id": tracker.run_id}
-            metrics = stages.run_steps(cfg, group, run, tracker, console, state, evaluate)
+            metrics = stages.run_steps(cfg, stages.steps_on(group), stages.saver(group, run), run, tracker, console,
+                                       state, evaluate)
             model_dir = stages.export(group, run, console)
         finally:
             group.shutdown()

@@ -7,12 +7,14 @@
     ref = start_reference(cfg, inputs, console)    the reference role's group
     cache = fill_reference_cache(...)              RefCache hit, or computed on `ref`
     policy, infos = start_policy(...)              the policy role's group, built and resumed
-    run_steps(cfg, policy, run, tracker, ...)      the loop: calls of several steps, logging,
+    run_steps(cfg, steps_on(policy), saver(policy, run), run, tracker, ...)
+                                                   the loop: calls of several steps, logging,
                                                    the health guard, checkpoints, evaluations
-    save_checkpoint(policy, run, step, state)      every rank saves, then the marker file
+    save_ranks(group, run, step, part)             every rank of a group saves its part
+    write_state(run, step, state)                  then the marker file: the checkpoint is complete
     export(policy, run)                            a plain Hugging Face directory
 
-A controller (prefopt.algorithms.offline, and PPO, ReST, ... next) is a loop over these.
+A controller (prefopt.algorithms.offline, reward_model, ppo; ReST next) is a loop over these.
 """
 
 from __future__ import annotations
@@ -215,7 +217,7 @@ def start_policy(cfg: RunConfig, inputs: Inputs, run: Run, console, *, ref_cache
                       f"{infos[0]['param_bytes'] / 2**20:.2f} MiB of parameters on rank 0")
         if run.checkpoint is not None:
             tag, _ = run.checkpoint
-            group.call("load_checkpoint", str(run.output_dir / CHECKPOINTS), tag)
+            group.call("load_checkpoint", *checkpoint_location(run, run.start_step))
             console.print(f"resumed from {run.output_dir / CHECKPOINTS / tag} at step {run.start_step}")
     except BaseException:
         group.shutdown()
@@ -251,8 +253,8 @@ class HealthGuard:
     state is never saved; `first_loss` travels in the checkpoint state, so a resumed run keeps
     the same yardstick."""
 
-    def __init__(self, health, run: Run):
-        self.health, self.run = health, run
+    def __init__(self, health, run: Run, loss_ratio: bool = True):
+        self.health, self.run, self.loss_ratio = health, run, loss_ratio
         self.first_loss: float | None = run.checkpoint[1].get("first_loss") if run.checkpoint else None
         self.streak_start: int | None = None  # first step of the current run of high losses
 
@@ -267,7 +269,7 @@ class HealthGuard:
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             self._stop(step, step, f"the loss ({loss}) or the gradient norm ({grad_norm}) is not finite")
         limit = self.health.max_loss_ratio * abs(self.first_loss)
-        if loss <= limit or self.first_loss <= 0:
+        if not self.loss_ratio or loss <= limit or self.first_loss <= 0:
             self.streak_start = None
             return
         self.streak_start = step if self.streak_start is None else self.streak_start
@@ -293,20 +295,23 @@ class HealthGuard:
         return sorted(found)
 
 
-def run_steps(cfg: RunConfig, group, run: Run, tracker, console, state: dict, evaluate=None) -> dict[str, float]:
-    """The training loop of every controller whose workers have `train_steps(first, count)`:
-    steps in calls cut at logging, saving and evaluation points; each step's metrics to
-    metrics.jsonl and (every train.log_steps) to MLflow; the health guard on every step before
-    the checkpoint; `evaluate(step) -> metrics` at step 0 of a fresh run (where an offline run's
-    reward-KL curve starts: the policy is the reference), every eval.every_steps and at the end.
-    -> the last step's metrics."""
+def run_steps(cfg: RunConfig, steps, save, run: Run, tracker, console, state: dict, evaluate=None,
+              loss_ratio_guard: bool = True) -> dict[str, float]:
+    """The training loop of every controller: `steps(first, count) -> [metrics of each step]`
+    in calls cut at logging, saving and evaluation points (steps_on(group): workers that have
+    `train_steps`; PPO: its iterations); each step's metrics to metrics.jsonl and (every
+    train.log_steps) to MLflow; the health guard on every step before the checkpoint
+    (loss_ratio_guard=False: only non-finite values stop, for losses that may sit near zero or
+    below it); `save(step)` then the state file; `evaluate(step) -> metrics` at step 0 of a fresh
+    run (where the reward-KL curve starts: the policy is the reference), every eval.every_steps
+    and at the end. -> the last step's metrics."""
     import time
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     t = cfg.train
     eval_every = cfg.eval.every_steps if evaluate is not None else None
-    guard = HealthGuard(t.health, run)
+    guard = HealthGuard(t.health, run, loss_ratio_guard)
     # A resumed run replays the steps after its checkpoint; MLflow already holds those it logged
     # before the kill, with the same values (resume is exact): log each step once.
     logged_until = tracker.last_step("loss") if run.checkpoint is not None else 0
@@ -319,8 +324,7 @@ def run_steps(cfg: RunConfig, group, run: Run, tracker, console, state: dict, ev
         bar = progress.add_task("train", total=t.max_steps, completed=run.start_step, info="")
         for first, count in intervals(run.start_step, t.max_steps, [t.log_steps, t.save_steps, eval_every]):
             t0 = time.perf_counter()
-            per_step = [combine_ranks(list(ranks))  # [ranks][steps] -> one dict per step
-                        for ranks in zip(*group.call("train_steps", first, count), strict=True)]
+            per_step = steps(first, count)
             # The call is what the controller can time: its tokens over its wall time.
             rate = sum(m["tokens"] for m in per_step) / max(time.perf_counter() - t0, 1e-9)
             for step, metrics in enumerate(per_step, start=first + 1):
@@ -334,12 +338,23 @@ def run_steps(cfg: RunConfig, group, run: Run, tracker, console, state: dict, ev
             done = first + count
             acc = metrics.get("rewards/accuracies", metrics.get("rm/accuracy"))
             info = f"loss {metrics['loss']:.4f}" + (f"  acc {acc:.2f}" if acc is not None else "")
+            info += f"  reward {metrics['ppo/reward']:.3f}  kl {metrics['ppo/kl']:.2f}" if "ppo/reward" in metrics else ""
             progress.update(bar, completed=done, info=info + f"  {metrics['tokens_per_second']:.0f} tok/s")
             if done % t.save_steps == 0 or done == t.max_steps:
-                save_checkpoint(group, run, done, state)
+                save(done)
+                write_state(run, done, state)
             if evaluate is not None and ((eval_every and done % eval_every == 0) or done == t.max_steps):
                 metrics |= evaluate(done)
     return metrics
+
+
+def steps_on(group):
+    """run_steps' `steps` for a group whose workers train themselves (`train_steps(first, count)`)."""
+    def steps(first: int, count: int) -> list[dict[str, float]]:
+        # [ranks][steps] -> one dict per step
+        return [combine_ranks(list(ranks)) for ranks in zip(*group.call("train_steps", first, count), strict=True)]
+
+    return steps
 
 
 def combine_ranks(per_rank: list[dict[str, float]]) -> dict[str, float]:
@@ -352,12 +367,26 @@ def combine_ranks(per_rank: list[dict[str, float]]) -> dict[str, float]:
     return out
 
 
-def save_checkpoint(group, run: Run, step: int, state: dict) -> None:
-    tag = f"step{step}"
-    directory = run.output_dir / CHECKPOINTS
-    group.call("save_checkpoint", str(directory), tag, {"step": step})
-    # Written after every rank has saved: a state file means the checkpoint is complete.
-    (directory / tag / STATE_FILE).write_text(json.dumps({"step": step, **state}))
+def checkpoint_location(run: Run, step: int, part: str | None = None) -> tuple[str, str]:
+    """(directory, tag) of a group's checkpoint: the policy's is checkpoints/step<N>; another
+    model of the same run (PPO's critic) saves its `part` inside it, checkpoints/step<N>/<part>."""
+    directory, tag = run.output_dir / CHECKPOINTS, f"step{step}"
+    return (str(directory), tag) if part is None else (str(directory / tag), part)
+
+
+def save_ranks(group, run: Run, step: int, part: str | None = None) -> None:
+    group.call("save_checkpoint", *checkpoint_location(run, step, part), {"step": step})
+
+
+def saver(group, run: Run):
+    """run_steps' `save` for a run with one trained group."""
+    return lambda step: save_ranks(group, run, step)
+
+
+def write_state(run: Run, step: int, state: dict) -> None:
+    # Written after every rank of every group has saved: a state file means the checkpoint is complete.
+    path = run.output_dir / CHECKPOINTS / f"step{step}" / STATE_FILE
+    path.write_text(json.dumps({"step": step, **state}))
 
 
 def export(group, run: Run, console) -> Path:

@@ -70,11 +70,12 @@ def load_model(model_dir: str, head: Head, dtype: torch.dtype):
 
 
 class EngineWorker:
-    """Base of every role's Ray actor. `role` names its config section: "policy", "ref" or "reward"."""
+    """Base of every role's Ray actor. `role` names its config section: "policy", "ref", "reward" or "critic"."""
 
     def __init__(self, config_json: str, role: str = "policy"):
         self.cfg = RunConfig.model_validate_json(config_json)
-        self.role = {"policy": self.cfg.policy, "ref": self.cfg.reference, "reward": self.cfg.reward_role}[role]
+        self.role = {"policy": self.cfg.policy, "ref": self.cfg.reference, "reward": self.cfg.reward_role,
+                     "critic": self.cfg.critic_role}[role]
         self.rank, self.world_size = 0, 1
         quiet_transformers()
         # DeepSpeed 0.19 still calls collectives that torch 2.13 deprecates, once per step.
@@ -114,8 +115,11 @@ class EngineWorker:
 
     # ------------------------------------------------------------------ the engine
 
-    def build(self, model_dir: str, *, train: bool, head: Head = "lm") -> dict:
-        """Load the model into a DeepSpeed engine: with an optimizer and LR schedule (train) or frozen."""
+    def build(self, model_dir: str, *, train: bool, head: Head = "lm", schedule: dict | None = None) -> dict:
+        """Load the model into a DeepSpeed engine: with an optimizer and LR schedule (train) or frozen.
+
+        schedule: train-section fields that differ for this engine (PPO: each role's lr, the
+        micro-batches per optimizer step, the optimizer steps in the run)."""
         import deepspeed
         from transformers import AutoTokenizer
         from transformers.integrations import HfDeepSpeedConfig
@@ -127,8 +131,9 @@ class EngineWorker:
             raise UserError(f"model.dtype: bfloat16 is not supported by {torch.cuda.get_device_name()} "
                             "(it needs compute capability 8.0 or newer); use float16 or float32")
         torch.manual_seed(cfg.train.seed)
+        t = cfg.train.model_copy(update=schedule or {})
         ds_config = deepspeed_config(self.role, dtype=cfg.model.dtype, world_size=self.world_size,
-                                     train=cfg.train if train else None)
+                                     train=t if train else None)
         self.zero_stage = ds_config["zero_optimization"]["stage"]
         # While this object lives, from_pretrained builds the model under deepspeed.zero.Init,
         # so with ZeRO-3 no rank ever materialises the full model.
@@ -137,7 +142,6 @@ class EngineWorker:
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.head = head
         if train:
-            t = cfg.train
             optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=t.adam_betas,
                                           weight_decay=t.weight_decay)
             scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -191,6 +195,13 @@ class EngineWorker:
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         return self.model.score(hidden[rows, last]).squeeze(-1).float()
 
+    def completion_values(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """A scalar head's output at the K positions that predict a completion token (the value of
+        the state before each token), [K] fp32 in mask order; keeps the graph (PPO's critic)."""
+        hidden = self.model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                       position_ids=batch["position_ids"], use_cache=False).last_hidden_state
+        return self.model.score(hidden[batch["loss_mask"]]).squeeze(-1).float()
+
     @torch.no_grad()
     def score(self, samples: list[dict]) -> list[list[float]]:
         """Per-token scores of given completions: samples [{prompt_ids, completion_ids}] -> for
@@ -212,12 +223,14 @@ class EngineWorker:
                 batch = {k: v.to(accelerator_device()) for k, v in batch.items()}
                 if self.head == "lm":
                     per_token = token_logps(self.model, batch)  # [B, T], 0 off the completion
+                    per_token, mask = per_token.cpu(), batch["loss_mask"].cpu()  # one device sync per micro-batch
+                    out += [per_token[i][mask[i]].tolist() for i in range(len(part))]
                 else:
-                    hidden = self.model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                                   position_ids=batch["position_ids"]).last_hidden_state
-                    per_token = self.model.score(hidden).squeeze(-1).float()  # [B, T]
-                per_token, mask = per_token.cpu(), batch["loss_mask"].cpu()  # one device sync per micro-batch
-                out += [per_token[i][mask[i]].tolist() for i in range(len(part))]
+                    flat = self.completion_values(batch).cpu().tolist()  # [K], row by row
+                    at = 0
+                    for n in batch["lengths"].tolist():
+                        out.append(flat[at : at + n])
+                        at += n
             return out
         finally:
             self.model.train(was_training)

@@ -11,6 +11,22 @@ needs_lengths(name, **params).
 
 from prefopt.losses.kto import KTO_RATIO_RANGE, kto_weight_warning
 from prefopt.losses.pairwise import GPO_FUNCTIONS, GPO_SCORES, log1mexp
+from prefopt.losses.ppo import (
+    KL_ESTIMATORS,
+    AdaptiveKLController,
+    FixedKLController,
+    clipped_policy_loss,
+    clipped_value_loss,
+    explained_variance,
+    gae,
+    grpo_advantages,
+    kl_controller,
+    kl_penalty,
+    rloo_advantages,
+    sequence_to_tokens,
+    shape_rewards,
+    whiten,
+)
 from prefopt.losses.registry import (
     LOSSES,
     PAIRWISE_LOSSES,
@@ -31,14 +47,24 @@ from prefopt.losses.registry import (
 __all__ = [
     "GPO_FUNCTIONS",
     "GPO_SCORES",
+    "KL_ESTIMATORS",
     "KTO_RATIO_RANGE",
     "LOSSES",
     "PAIRWISE_LOSSES",
     "REWARD_LOSSES",
     "UNPAIRED_LOSSES",
+    "AdaptiveKLController",
+    "FixedKLController",
     "LossOutput",
+    "clipped_policy_loss",
+    "clipped_value_loss",
     "default_params",
+    "explained_variance",
+    "gae",
+    "grpo_advantages",
     "is_unpaired",
+    "kl_controller",
+    "kl_penalty",
     "kto_weight_warning",
     "log1mexp",
     "needs_lengths",
@@ -47,5 +73,9 @@ __all__ = [
     "pairwise_loss",
     "resolve_params",
     "reward_loss",
+    "rloo_advantages",
+    "sequence_to_tokens",
+    "shape_rewards",
     "unpaired_loss",
+    "whiten",
 ]

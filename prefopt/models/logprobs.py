@@ -101,8 +101,7 @@ def logps_from_logits(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> t
     (completion_logits)."""
     mask = batch["loss_mask"]
     if logits.dim() == 2:  # already at the K completion positions, in mask order
-        chunk = max(1, CHUNK_ELEMENTS // logits.shape[-1])
-        token = _SelectedLogProbs.apply(logits, None, batch["labels"][mask], chunk)
+        token = completion_token_logps(logits, batch)
     else:
         token = selected_logps(logits, mask, batch["labels"])  # [K]
     seq = batch["seq_index"][mask]  # [K], sequence of each completion token
@@ -110,6 +109,13 @@ def logps_from_logits(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> t
     logps = torch.zeros(n, dtype=token.dtype, device=logits.device).index_add(0, seq, token)
     lengths = torch.bincount(seq, minlength=n)
     return logps, lengths
+
+
+def completion_token_logps(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Log-probs [K] fp32 of the K completion tokens, from completion_logits' [K, V], in mask
+    order (row by row, each completion's tokens in order)."""
+    chunk = max(1, CHUNK_ELEMENTS // logits.shape[-1])
+    return _SelectedLogProbs.apply(logits, None, batch["labels"][batch["loss_mask"]], chunk)
 
 
 def completion_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -1,0 +1,349 @@
+"""PPO (`algorithm.name: ppo`): the controller, top to bottom.
+
+    result = train(cfg, console)
+
+Four roles, each a group of engine workers: the policy (trained, ZeRO-3; samples the rollouts
+on its own ranks), the reference (frozen; per-token log-probs of the rollouts, answered
+online), the critic (trained, scalar head; per-token values; only for advantage: gae) and the
+reward (the built-in task's ground truth on the controller — the DPO paper's PPO-GT — or a
+trained reward model on its own ranks). One train step is one PPO iteration:
+
+    prompts      ppo.rollout_prompts of the data, K = ppo.samples_per_prompt times each
+    generate     policy ranks: completions and their log-probs (the sampling policy's own)
+    score        reward role: one number per completion (EOS penalty, whitening, clipping)
+    reference    reference ranks: per-token log-probs -> per-token KL (k1, k2 or k3)
+    values       critic ranks: per-token values
+    advantages   controller: rewards shaped (score at the last token, -kl_coef * KL per token),
+                 GAE(gamma, lam), whitened over the batch; or RLOO / GRPO baselines over the K samples
+    update       policy and critic at once: ppo.epochs x minibatches, one optimizer step each
+    KL control   fixed coefficient, or the adaptive controller toward ppo.kl_target
+
+The maths lives in prefopt.losses.ppo; the update loops in prefopt.workers.ppo; the shared
+loop, checkpoints, health guard and evaluation in prefopt.algorithms.stages. A checkpoint holds
+the policy, the critic (checkpoints/step<N>/critic), the KL controller and every RNG; the
+rollouts of iteration N depend only on (seed, N) and the weights, so a resumed run is exact.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from prefopt.algorithms import stages
+from prefopt.config import PPOConfig, RunConfig
+
+
+@dataclass
+class Batches:
+    """How a rollout batch is cut: minibatch = policy.micro_batch_size x
+    train.gradient_accumulation_steps x policy.num_workers samples, one optimizer step each."""
+
+    rollout: int
+    minibatch: int
+    critic_accumulation: int
+
+    @property
+    def minibatches(self) -> int:
+        return self.rollout // self.minibatch
+
+
+def batches(cfg: RunConfig) -> Batches:
+    p, pol, critic = cfg.ppo, cfg.policy, cfg.critic_role
+    rollout = p.rollout_prompts * p.samples_per_prompt
+    minibatch = pol.micro_batch_size * cfg.train.gradient_accumulation_steps * pol.num_workers
+    if rollout % minibatch:
+        raise stages.PreflightError(
+            f"ppo: a rollout batch of {rollout} samples (ppo.rollout_prompts x ppo.samples_per_prompt) does not cut "
+            f"into minibatches of {minibatch} (policy.micro_batch_size x train.gradient_accumulation_steps x "
+            "policy.num_workers); make the first a multiple of the second")
+    per_step = critic.micro_batch_size * critic.num_workers
+    if cfg.ppo.advantage == "gae" and minibatch % per_step:
+        raise stages.PreflightError(
+            f"ppo: the critic's ranks take {per_step} samples per forward (critic.micro_batch_size x "
+            f"critic.num_workers), which does not divide the minibatch of {minibatch}; change critic.micro_batch_size")
+    return Batches(rollout, minibatch, minibatch // per_step)
+
+
+# ----------------------------------------------------------------------------- the maths of one batch
+
+
+def padded(rows: list[list[float]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ragged per-token lists -> right-padded [N, T] fp32 and its mask."""
+    width = max(len(r) for r in rows)
+    values = torch.zeros(len(rows), width)
+    mask = torch.zeros(len(rows), width)
+    for i, r in enumerate(rows):
+        values[i, : len(r)] = torch.tensor(r, dtype=torch.float32)
+        mask[i, : len(r)] = 1.0
+    return values, mask
+
+
+def ragged(values: torch.Tensor, mask: torch.Tensor) -> list[list[float]]:
+    return [row[m.bool()].tolist() for row, m in zip(values, mask, strict=True)]
+
+
+def make_experience(p: PPOConfig, kl_coef: float, *, logps: list[list[float]], ref_logps: list[list[float]],
+                    values: list[list[float]] | None, scores: list[float], ended: list[bool]) -> tuple[dict, dict]:
+    """The controller's half of an iteration, from what the roles returned: per-token
+    advantages (and returns for the critic), and the batch's metrics. Samples of one prompt are
+    contiguous (K = p.samples_per_prompt)."""
+    from prefopt.losses import ppo as L
+
+    logp, mask = padded(logps)
+    ref, _ = padded(ref_logps)
+    raw = torch.tensor(scores, dtype=torch.float32)
+    score = raw.clone()
+    not_ended = ~torch.tensor(ended)
+    if p.missing_eos_penalty is not None:  # TRL's missing_eos_penalty: a completion must end
+        score = score - p.missing_eos_penalty * not_ended.float()
+    if p.whiten_rewards:
+        score = L.whiten(score[:, None], torch.ones_like(score)[:, None])[:, 0]
+    if p.reward_clip is not None:
+        score = score.clamp(-p.reward_clip, p.reward_clip)
+    kl = L.kl_penalty(logp, ref, mask, p.kl_estimator)  # [N, T], 0 on padding
+    out: dict = {"old_logps": logps}
+    metrics = {}
+    if p.advantage == "gae":
+        v, _ = padded(values)
+        rewards = L.shape_rewards(score, kl, mask, kl_coef)
+        advantages, returns = L.gae(rewards, v, mask, p.gamma, p.lam)
+        out |= {"old_values": values, "returns": ragged(returns, mask)}
+        metrics["ppo/explained_variance"] = L.explained_variance(v, returns, mask)
+        metrics["ppo/value_mean"] = float((v * mask).sum() / mask.sum())
+    else:
+        # Critic-free: the KL penalty enters each sequence's reward, then the baseline of its K siblings.
+        sequence_reward = score - kl_coef * kl.sum(1)
+        baseline = L.rloo_advantages if p.advantage == "rloo" else L.grpo_advantages
+        advantages = L.sequence_to_tokens(baseline(sequence_reward, p.samples_per_prompt), mask)
+    if p.whiten_advantages:
+        advantages = L.whiten(advantages, mask)
+    out["advantages"] = ragged(advantages, mask)
+    metrics |= {
+        "ppo/reward": float(raw.mean()),
+        "ppo/score": float(score.mean()),  # after the EOS penalty, whitening and clipping
+        "ppo/kl": float(((logp - ref) * mask).sum(1).mean()),  # k1 summed over each completion: nats/sequence
+        "ppo/kl_penalty": float(kl.sum(1).mean()),  # the chosen estimator, summed likewise
+        "ppo/kl_coef": kl_coef,
+        "ppo/response_length": float(mask.sum(1).mean()),
+        "ppo/no_eos": float(not_ended.float().mean()),
+        "ppo/advantage_std": float(advantages[mask.bool()].std()) if mask.sum() > 1 else 0.0,
+    }
+    return out, metrics
+
+
+def minibatch_plan(seed: int, step: int, n: int, minibatch: int, epochs: int) -> list[list[int]]:
+    """The sample indices of each optimizer step: every epoch a fresh permutation of the batch,
+    cut into minibatches; a function of (seed, step), so a resumed run replays it."""
+    rng = np.random.default_rng([seed, step])
+    plan = []
+    for _ in range(epochs):
+        order = rng.permutation(n).tolist()
+        plan += [order[s : s + minibatch] for s in range(0, n, minibatch)]
+    return plan
+
+
+# ----------------------------------------------------------------------------- the roles
+
+
+class TaskReward:
+    """The built-in task's ground truth, on the controller (PPO-GT)."""
+
+    def __init__(self, cfg: RunConfig):
+        from prefopt.tasks import get_task
+
+        self.task = get_task(cfg.data.task)
+
+    def __call__(self, prompts: list[str], completions: list[str]) -> list[float]:
+        return [float(x) for x in self.task.reward(prompts, completions)]
+
+    def shutdown(self) -> None:
+        pass
+
+
+class ModelReward:
+    """A trained reward model on the reward role's ranks, reading text with its own tokenizer."""
+
+    def __init__(self, cfg: RunConfig, console):
+        from prefopt.cluster.worker_group import WorkerGroup
+        from prefopt.workers.reward import RewardWorker
+
+        with console.status(f"starting {cfg.reward.num_workers} reward worker(s)"):
+            self.group = WorkerGroup(RewardWorker, cfg.reward_role, cfg.cluster, name="reward", key="reward",
+                                     init_args=(cfg.model_dump_json(),))
+            self.group.call("build", cfg.reward.model_path, train=False, head="scalar")
+
+    def __call__(self, prompts: list[str], completions: list[str]) -> list[float]:
+        items = [{"prompt": p, "completion": c} for p, c in zip(prompts, completions, strict=True)]
+        return self.group.split("score_texts", items)
+
+    def shutdown(self) -> None:
+        self.group.shutdown()
+
+
+def check_ppo(cfg: RunConfig) -> Batches:
+    """PPO's own checks, before anything starts."""
+    from prefopt.algorithms.label import check_reward_model
+
+    if cfg.reward.source == "judge":
+        raise stages.PreflightError("reward.source: judge scores with prefopt label; PPO takes reward.source: task "
+                                    "(the task's ground truth) or model (a trained reward model)")
+    if cfg.reward.source == "task" and cfg.data.task is None:
+        raise stages.PreflightError("reward.source: task needs a built-in task (data.task); or use reward.source: "
+                                    "model with reward.model_path")
+    if cfg.reward.source == "model":
+        check_reward_model(cfg.reward.model_path)
+    if cfg.critic.model_path is not None and cfg.ppo.advantage == "gae":
+        from pathlib import Path
+
+        if not (Path(cfg.critic.model_path) / "config.json").is_file():
+            raise stages.PreflightError(f"critic.model_path: {cfg.critic.model_path} is not a Hugging Face model "
+                                        "directory (no config.json)")
+    return batches(cfg)
+
+
+def schedules(cfg: RunConfig, b: Batches) -> tuple[dict, dict]:
+    """The train-section fields of the policy's and the critic's engines: an optimizer step per
+    minibatch, so the LR schedule counts max_steps x epochs x minibatches of them."""
+    steps = cfg.train.max_steps * cfg.ppo.epochs * b.minibatches
+    policy = {"max_steps": steps}
+    critic = {"max_steps": steps, "gradient_accumulation_steps": b.critic_accumulation,
+              "lr": cfg.critic.lr or cfg.train.lr}
+    return policy, critic
+
+
+# ----------------------------------------------------------------------------- the controller
+
+
+def train(cfg: RunConfig, console, *, resume: bool | None = None):
+    from prefopt.algorithms.offline import TrainResult, log_evaluation
+    from prefopt.cluster.worker_group import WorkerGroup
+    from prefopt.losses.ppo import kl_controller
+    from prefopt.tracking import Tracker
+    from prefopt.tracking.tracker import TAG_DATA_FINGERPRINT
+    from prefopt.workers.offline_step import mean_metrics
+    from prefopt.workers.ppo import CriticWorker, PPOPolicyWorker
+
+    p = cfg.ppo
+    b = check_ppo(cfg)
+    stages.preflight(cfg, console, with_reference=True)
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"format": "prompt_only"})})
+    run = stages.open_run(cfg, resume)
+    inputs = stages.prepare_inputs(cfg, console)
+    run.check_data(inputs.data)
+    prompt_texts = inputs.data.table["prompt"].to_pylist()
+    prompt_ids = inputs.data.table["prompt_ids"].to_pylist()
+    stages.connect(cfg, with_reference=True)
+    policy_schedule, critic_schedule = schedules(cfg, b)
+    eos = inputs.tokenizer.eos_token_id
+    sampling = p.sampling.model_dump(exclude={"seed"})
+    critic_dir = cfg.critic.model_path or str(inputs.model_dir)
+
+    reference = critic = reward = policy = None
+    try:
+        reference = stages.start_reference(cfg, inputs, console)
+        reward = TaskReward(cfg) if cfg.reward.source == "task" else ModelReward(cfg, console)
+        evaluator = None
+        if cfg.data.task is not None:
+            from prefopt.eval import Evaluator
+
+            with console.status(f"sampling the reference on {cfg.eval.num_prompts} test prompts"):
+                evaluator = Evaluator(cfg, inputs.tokenizer, reference)
+        state: dict = {"data_fingerprint": inputs.data.fingerprint}
+        kl = kl_controller(p.kl_coef, p.kl_target, p.kl_horizon)
+        if run.checkpoint is not None:
+            kl.load_state_dict(run.checkpoint[1]["kl_controller"])
+        state["kl_controller"] = kl.state_dict()
+
+        with Tracker.start(cfg, run_id=run.mlflow_run_id, tags={TAG_DATA_FINGERPRINT: inputs.data.fingerprint}) as tracker:
+            tracker.log_config()
+            tracker.log_data_input(inputs.data)
+            state["mlflow_run_id"] = tracker.run_id
+            t0 = time.perf_counter()
+            policy, infos = stages.start_policy(cfg, inputs, run, console, worker_cls=PPOPolicyWorker,
+                                                schedule=policy_schedule)
+            if p.advantage == "gae":
+                with console.status(f"starting {cfg.critic_role.num_workers} critic worker(s)"):
+                    critic = WorkerGroup(CriticWorker, cfg.critic_role, cfg.cluster, name="critic", key="critic",
+                                         init_args=(cfg.model_dump_json(),))
+                    critic.call("setup", critic_dir, schedule=critic_schedule)
+                    if run.checkpoint is not None:
+                        critic.call("load_checkpoint", *stages.checkpoint_location(run, run.start_step, "critic"))
+            timings = {"startup_seconds": time.perf_counter() - t0}
+
+            def iteration(step: int) -> dict[str, float]:
+                """PPO iteration `step` (0-based): rollouts, scores, advantages, the update."""
+                times: dict[str, float] = {}
+                clock = time.perf_counter()
+
+                def lap(name: str) -> None:
+                    nonlocal clock
+                    now = time.perf_counter()
+                    times[f"ppo/time/{name}"] = now - clock
+                    clock = now
+
+                rng = np.random.default_rng([cfg.data.seed, step])
+                chosen = rng.choice(len(prompt_ids), p.rollout_prompts, replace=len(prompt_ids) < p.rollout_prompts)
+                picked = [int(i) for i in chosen for _ in range(p.samples_per_prompt)]
+                prompts = [prompt_ids[i] for i in picked]
+                samples = policy.split("generate", prompts, sampling, p.sampling.seed * 1_000_003 + step)
+                lap("generate")
+                scores = reward([prompt_texts[i] for i in picked], [s["text"] for s in samples])
+                lap("reward")
+                items = [{"prompt_ids": q, "completion_ids": s["completion_ids"]}
+                         for q, s in zip(prompts, samples, strict=True)]
+                ref_logps = reference.split("score", items)
+                lap("reference")
+                values = critic.split("score", items) if critic is not None else None
+                lap("values")
+                experience, metrics = make_experience(
+                    p, kl.coef, logps=[s["logprobs"] for s in samples], ref_logps=ref_logps, values=values,
+                    scores=scores, ended=[s["completion_ids"][-1] == eos for s in samples])
+                experience |= {"prompt_ids": prompts, "completion_ids": [s["completion_ids"] for s in samples]}
+                lap("advantages")
+                import ray
+
+                shared = ray.put(experience)  # once into the object store, read by every rank of both roles
+                plan = minibatch_plan(cfg.train.seed, step, b.rollout, b.minibatch, p.epochs)
+                updates = {"policy": (policy, policy.call_async("update", shared, plan))}
+                if critic is not None:
+                    updates["critic"] = (critic, critic.call_async("update", shared, plan))
+                for name, (group, refs) in updates.items():
+                    per_rank = group.wait(refs, "update")
+                    times[f"ppo/time/{name}_update"] = max(m.pop("seconds") for m in per_rank)
+                    combined = mean_metrics(per_rank)
+                    if name == "policy":
+                        metrics |= {f"ppo/{k}": v for k, v in combined.items() if k != "grad_norm"}
+                        metrics |= {"grad_norm": combined["grad_norm"]} if "grad_norm" in combined else {}
+                    else:
+                        metrics |= {f"ppo/{'critic_' if k == 'grad_norm' else ''}{k}": v for k, v in combined.items()}
+                lap("update")
+                kl.update(metrics["ppo/kl"], b.rollout)
+                state["kl_controller"] = kl.state_dict()
+                tokens = sum(len(s["completion_ids"]) for s in samples)
+                return metrics | times | {"loss": metrics["ppo/policy_loss"], "tokens": float(tokens),
+                                          "step_seconds": sum(v for k, v in times.items() if "_update" not in k)}
+
+            def steps(first: int, count: int) -> list[dict[str, float]]:
+                return [iteration(step) for step in range(first, first + count)]
+
+            def save(step: int) -> None:
+                stages.save_ranks(policy, run, step)
+                if critic is not None:
+                    stages.save_ranks(critic, run, step, "critic")
+
+            evaluate = (lambda step: log_evaluation(evaluator, policy, step, tracker, console)) if evaluator else None
+            # PPO's policy loss sits near zero and changes sign: only non-finite values stop the run.
+            metrics = stages.run_steps(cfg, steps, save, run, tracker, console, state, evaluate,
+                                       loss_ratio_guard=False)
+            model_dir = stages.export(policy, run, console)
+            with console.status("logging the model to MLflow"):
+                tracker.log_model_dir(model_dir)
+    finally:
+        for group in (policy, critic, reward, reference):
+            if group is not None:
+                group.shutdown()
+    return TrainResult(run.output_dir, model_dir, metrics, cfg.train.max_steps, tracker.run_id, timings,
+                       [info["param_bytes"] for info in infos])
