@@ -15,6 +15,7 @@ character, so its offsets drift from the prompt's characters before the answer, 
 from __future__ import annotations
 
 import bisect
+import http.client
 import json
 import math
 import os
@@ -86,7 +87,7 @@ def _call(judge: JudgeConfig, path: str, body: dict | None = None, timeout_s: fl
                                      f"{message}); {how}", exc.code) from None
         raise JudgeEndpointError(f"reward.judge.endpoint: {url} answered HTTP {exc.code}: {message}",
                                  exc.code) from None
-    except (urllib.error.URLError, OSError) as exc:  # refused, reset, timed out, no such host
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:  # refused, reset, timed out, cut off
         raise _Retryable(str(getattr(exc, "reason", exc))) from None
     try:
         return json.loads(raw)
@@ -96,8 +97,9 @@ def _call(judge: JudgeConfig, path: str, body: dict | None = None, timeout_s: fl
 
 
 def _unreachable(judge: JudgeConfig, reason: str) -> JudgeEndpointError:
+    slow = ", or raise reward.judge.timeout_s" if "timed out" in reason else ""
     return JudgeEndpointError(f"reward.judge.endpoint: no judge server answers at {judge.endpoint} ({reason}); "
-                              "start it (e.g. vllm serve MODEL), or fix the address")
+                              f"start it (e.g. vllm serve MODEL), or fix the address{slow}")
 
 
 def check_endpoint(judge: JudgeConfig) -> None:
@@ -162,9 +164,17 @@ def _score_chunk(judge: JudgeConfig, questions: Sequence[str], answers: Sequence
     if len(choices) != len(prompts):
         raise JudgeEndpointError(f"reward.judge.endpoint: {judge.endpoint} answered {len(choices)} choices for "
                                  f"{len(prompts)} prompts")
-    lp = [answer_logprob(c, p, answers[i % 2], judge.endpoint) for i, (c, p) in enumerate(zip(choices, prompts, strict=True))]
-    # p(a0) / (p(a0) + p(a1)): the vocabulary's normaliser cancels, as in the local judge's softmax over two.
-    return [1.0 / (1.0 + math.exp(lp[i + 1] - lp[i])) for i in range(0, len(lp), 2)]
+    lp = [answer_logprob(choice, prompt, answers[i % 2], judge.endpoint)
+          for i, (choice, prompt) in enumerate(zip(choices, prompts, strict=True))]
+    return [first_of_two(lp[i], lp[i + 1]) for i in range(0, len(lp), 2)]
+
+
+def first_of_two(logprob_a: float, logprob_b: float) -> float:
+    """p(a) / (p(a) + p(b)): the vocabulary's normaliser cancels, as in the local judge's softmax
+    over the two answers. A sigmoid of the difference, on the side where exp cannot overflow
+    (servers send -9999 for a log-prob of -inf)."""
+    d = logprob_a - logprob_b
+    return 1.0 / (1.0 + math.exp(-d)) if d >= 0 else math.exp(d) / (1.0 + math.exp(d))
 
 
 def score(judge: JudgeConfig, questions: Sequence[str], answers: Sequence[str], console) -> list[float]:
