@@ -258,7 +258,8 @@ class JudgeConfig(Section):
     """An LLM judge (reward.source: judge): a causal LM asked a question from `template`; the score
     is read from its probabilities of the two `answers`' first tokens, never parsed from text.
     rating: p(answers[0]) for one completion ({prompt}, {completion}); pairwise: p(answers[0]) that
-    {a} beats {b}, asked in both orders and averaged (position bias cancels, as in RLAIF)."""
+    {a} beats {b}, asked in both orders and averaged (position bias cancels, as in RLAIF).
+    The causal LM is reward.model_path, or one served at `endpoint` (prefopt.algorithms.judge_http)."""
 
     mode: Literal["rating", "pairwise"] = "rating"
     template: str = Field(
@@ -360,6 +361,7 @@ class CriticConfig(RoleConfig):
 
     model_path: str | None = Field(None, description="a reward model export (...ForSequenceClassification) "
                                    "or a causal LM; null: the policy's starting model with a new head")
+    num_workers: int | None = Field(None, ge=1, description="null: as policy.num_workers")
     lr: float | None = Field(None, gt=0, le=1, description="null: train.lr")
     cpus_per_worker: float | None = Field(None, gt=0, description="null: as policy.cpus_per_worker")
     gpus_per_worker: float | None = Field(None, ge=0, description="null: as policy.gpus_per_worker")
@@ -466,7 +468,7 @@ class RunConfig(Section):
             value = getattr(role, field)
             return value if value is not None else getattr(self.policy, field)
 
-        return RoleConfig(num_workers=role.num_workers, cpus_per_worker=own("cpus_per_worker"),
+        return RoleConfig(num_workers=own("num_workers"), cpus_per_worker=own("cpus_per_worker"),
                           gpus_per_worker=own("gpus_per_worker"), micro_batch_size=own("micro_batch_size"),
                           deepspeed=role.deepspeed)
 

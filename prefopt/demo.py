@@ -3,12 +3,14 @@
 Local Ray, an MLflow store in a local SQLite file, the tiny Llama and the built-in IMDb
 sentiment task (ground-truth reward known). As in the DPO paper, the reference is an SFT
 model: the freshly built tiny Llama is first fine-tuned on the task's chosen completions;
-then two methods start from it, are trained on the same pairs and compared on reward and KL
-to it, exactly as a user would do by hand:
+then DPO and SimPO start from it and train on the same pairs, PPO-GT starts from it and
+learns from its own samples scored by the task's ground truth, and all three are compared on
+reward and KL to it, exactly as a user would do by hand:
 
     prefopt train <demo.yaml> --set algorithm.name=sft --set tracking.experiment=demo-sft ...
     prefopt train <demo.yaml> --set algorithm.name=dpo --set model.path=runs/demo/sft/model ...
     prefopt train <demo.yaml> --set algorithm.name=simpo --set model.path=runs/demo/sft/model ...
+    prefopt train <demo.yaml> --set algorithm.name=ppo --set data.format=prompt_only ...
     prefopt compare --experiment demo
 """
 
@@ -26,6 +28,9 @@ SFT_RUN = {"algorithm": {"name": "sft"}, "ref": {"mode": "none"}, "train": {"lr"
 DEMO_RUNS: dict[str, dict] = {
     "dpo": {"algorithm": {"name": "dpo", "beta": 0.1}},
     "simpo": {"algorithm": {"name": "simpo", "beta": 2.0, "gamma": 1.0}, "ref": {"mode": "none"}},
+    # PPO-GT (configs/tiny/ppo.yaml): a step is an iteration of 32 prompts sampled, scored, learned from.
+    "ppo": {"algorithm": {"name": "ppo"}, "data": {"format": "prompt_only"}, "critic": {"lr": 1e-3},
+            "ppo": {"rollout_prompts": 32, "sampling": {"max_new_tokens": 24}}},
 }
 
 
@@ -39,7 +44,7 @@ def _with(cfg: RunConfig, method: str, overrides: dict) -> RunConfig:
 
 
 def run_demo(cfg: RunConfig, console: Console) -> None:
-    from prefopt.algorithms.offline import train
+    from prefopt.algorithms import train
     from prefopt.tracking.cli import compare_cmd
     from prefopt.tracking.store import resolve_tracking_uri, ui_hint
 

@@ -228,14 +228,15 @@ def train(cfg: RunConfig, console, *, resume: bool | None = None):
 
     p = cfg.ppo
     b = check_ppo(cfg)
-    stages.preflight(cfg, console, with_reference=True)
+    roles = (("critic",) if p.advantage == "gae" else ()) + (("reward",) if cfg.reward.source == "model" else ())
+    stages.preflight(cfg, console, with_reference=True, more=roles)
     cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"format": "prompt_only"})})
     run = stages.open_run(cfg, resume)
     inputs = stages.prepare_inputs(cfg, console)
     run.check_data(inputs.data)
     prompt_texts = inputs.data.table["prompt"].to_pylist()
     prompt_ids = inputs.data.table["prompt_ids"].to_pylist()
-    stages.connect(cfg, with_reference=True)
+    stages.connect(cfg, with_reference=True, more=roles)
     policy_schedule, critic_schedule = schedules(cfg, b)
     eos = inputs.tokenizer.eos_token_id
     sampling = p.sampling.model_dump(exclude={"seed"})

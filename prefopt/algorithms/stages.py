@@ -117,12 +117,16 @@ class PreflightError(UserError, ValueError):
     """A run that cannot start here; the message names the config field to change."""
 
 
-def _roles(cfg: RunConfig, with_reference: bool) -> list[tuple[str, str, object]]:
-    """(name in messages, config section, role config) of the roles a run starts."""
-    return [("policy", "policy", cfg.policy)] + ([("reference", "ref", cfg.reference)] if with_reference else [])
+def _roles(cfg: RunConfig, with_reference: bool, more: tuple[str, ...] = ()) -> list[tuple[str, str, object]]:
+    """(name in messages, config section, role config) of the roles a run starts; `more`: "critic",
+    "reward" (PPO)."""
+    out = [("policy", "policy", cfg.policy)] + ([("reference", "ref", cfg.reference)] if with_reference else [])
+    return out + [{"critic": ("critic", "critic", cfg.critic_role), "reward": ("reward", "reward", cfg.reward_role)}[m]
+                  for m in more]
 
 
-def preflight(cfg: RunConfig, console, *, with_reference: bool, tracking: bool = True) -> None:
+def preflight(cfg: RunConfig, console, *, with_reference: bool, tracking: bool = True,
+              more: tuple[str, ...] = ()) -> None:
     """What can be checked in seconds, before Ray, data or caches: paths that must exist, the
     dtype on the device, the tracking store, and, for a local instance, whether this machine has
     what the roles ask for (a remote cluster is checked on connect)."""
@@ -135,8 +139,9 @@ def preflight(cfg: RunConfig, console, *, with_reference: bool, tracking: bool =
             raise PreflightError(f"{field}: {path} is not a Hugging Face model directory (no config.json)")
     if cfg.data.path is not None and not Path(cfg.data.path).exists() and "://" not in cfg.data.path:
         raise PreflightError(f"data.path: {cfg.data.path} does not exist")
-    gpu_roles = [key for _, key, role in _roles(cfg, with_reference) if role.gpus_per_worker]
-    if cfg.model.dtype == "float16" and len(gpu_roles) < len(_roles(cfg, with_reference)):
+    roles = _roles(cfg, with_reference, more)
+    gpu_roles = [key for _, key, role in roles if role.gpus_per_worker]
+    if cfg.model.dtype == "float16" and len(gpu_roles) < len(roles):
         raise PreflightError("model.dtype: float16 needs GPUs (DeepSpeed's fp16 mode does not run on CPU ranks); "
                              "use float32 or bfloat16, or give every role gpus_per_worker")
     if tracking:
@@ -150,27 +155,30 @@ def preflight(cfg: RunConfig, console, *, with_reference: bool, tracking: bool =
         # A local instance shares this machine's cores out as logical CPUs (see ray_setup), so
         # only a single rank asking for more cores than exist is impossible; GPUs are counted.
         here = {"CPU": float("inf"), "GPU": float(torch.cuda.device_count())}
-        for name, key, role in _roles(cfg, with_reference):
+        for name, key, role in roles:
             if role.cpus_per_worker > cores:
                 raise PreflightError(f"{name}: {key}.cpus_per_worker={role.cpus_per_worker:g} but this machine "
                                      f"has {cores} cores; lower {key}.cpus_per_worker")
             check_fits(name, key, role, nodes=[here])
-        # Ranks that compute at the same time: the policy's, and a live reference's.
+        # Ranks that compute at the same time: the policy's, a live reference's, PPO's critic (it
+        # updates beside the policy).
         busy = cfg.policy.num_workers * cfg.policy.cpus_per_worker
-        if with_reference and cfg.ref.mode == "live":
+        if with_reference and cfg.ref.mode == "live" and cfg.algorithm.name != "ppo":
             busy += cfg.reference.num_workers * cfg.reference.cpus_per_worker
+        if "critic" in more:
+            busy += cfg.critic_role.num_workers * cfg.critic_role.cpus_per_worker
         if busy > cores:
             console.print(f"[yellow]warning:[/] the ranks that compute together ask for {busy:g} CPUs and this "
                           f"machine has {cores}: they will share cores and each run slower (lower "
                           "policy.num_workers or policy.cpus_per_worker)")
 
 
-def connect(cfg: RunConfig, with_reference: bool) -> None:
+def connect(cfg: RunConfig, with_reference: bool, more: tuple[str, ...] = ()) -> None:
     """Start a local Ray or join cluster.address; a remote cluster is checked against the roles."""
     from prefopt.cluster.ray_setup import connect as ray_connect
     from prefopt.cluster.worker_group import check_fits
 
-    roles = _roles(cfg, with_reference)
+    roles = _roles(cfg, with_reference, more)
     ray_connect(cfg.cluster, [role for _, _, role in roles])
     if cfg.cluster.address is not None:
         for name, key, role in roles:

@@ -53,6 +53,14 @@ def param_bytes(module: torch.nn.Module) -> int:
     return total
 
 
+def has_scalar_head(model_dir: str) -> bool:
+    """Whether the directory holds a trained ...ForSequenceClassification (a reward model)."""
+    import json
+
+    architectures = json.loads((Path(model_dir) / "config.json").read_text()).get("architectures") or []
+    return any(a.endswith("ForSequenceClassification") for a in architectures)
+
+
 def load_model(model_dir: str, head: Head, dtype: torch.dtype):
     """A causal LM, or the same body with a one-output linear head (the base model's
     ...ForSequenceClassification class, so a trained critic or reward model loads with plain
@@ -65,6 +73,14 @@ def load_model(model_dir: str, head: Head, dtype: torch.dtype):
         model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=dtype, num_labels=1)
         if model.config.pad_token_id is None:  # it finds each row's last token through the pad id
             model.config.pad_token_id = model.config.eos_token_id
+        if not has_scalar_head(model_dir):
+            # A new head starts at zero (every score 0), the same on any number of ranks: a random
+            # one would be drawn differently when ZeRO-3 partitions it at creation. Before the
+            # engine exists, so the optimizer's own copy of the weights starts at zero too.
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([model.score.weight], modifier_rank=0), torch.no_grad():
+                model.score.weight.zero_()
     model.config.use_cache = False  # training and scoring forwards; generate() asks for the cache
     return model
 
