@@ -104,3 +104,48 @@ def test_a_judge_template_without_its_placeholders_is_refused(mode, template, sa
 
     with pytest.raises(ConfigError, match=r"reward\.judge: template: .*" + says.replace("{", r"\{").replace("}", r"\}")):
         load_config(None, [f"reward.judge.mode={mode}", f"reward.judge.template={template}"])
+
+
+def test_score_shard_looks_up_known_scores_and_scores_each_other_completion_once():
+    from prefopt.algorithms.label import completion_key, score_shard
+
+    shard = {"prompt": ["A"] * 4 + ["B"] * 2, "prompt_index": [0] * 4 + [1] * 2,
+             "completion": [" x", " y", " x", " z", " x", " y"]}
+    keys = [completion_key(p, c) for p, c in zip(shard["prompt"], shard["completion"], strict=True)]
+    asked = []
+
+    def length(table):  # a scorer whose score is a function of prompt + completion alone
+        asked.append(list(zip(table["prompt"], table["completion"], strict=True)))
+        return [float(len(p + c)) for p, c in zip(table["prompt"], table["completion"], strict=True)]
+
+    known = {completion_key("A", " y"): 9.0}  # an earlier score: found, not asked again
+    scores, count = score_shard(shard, keys, length, known)
+    assert asked == [[("A", " x"), ("A", " z"), ("B", " x"), ("B", " y")]] and count == 4
+    assert scores == [3.0, 9.0, 3.0, 3.0, 3.0, 3.0]
+    assert score_shard(shard, keys, None, known) == (scores, 0)  # all known now: no scorer needed
+    # A pairwise judge's score depends on the other completions of the prompt: the whole shard is asked.
+    asked.clear()
+    assert score_shard(shard, keys, length, None) == ([3.0] * 6, 6) and asked == [list(zip(
+        shard["prompt"], shard["completion"], strict=True))]
+
+
+def test_score_cache_reuses_a_shard_only_for_the_same_completions(tmp_path):
+    from prefopt.algorithms.label import ScoreCache, completion_key, scorer_fingerprint
+
+    task = {"source": "task", "task": "imdb_sentiment"}
+    cache = ScoreCache(tmp_path, task)
+    assert cache.directory == tmp_path / "scores" / scorer_fingerprint(task)[:16]
+    shard = {"prompt": ["A", "A"], "completion": [" x", " y"]}
+    keys = [completion_key("A", " x"), completion_key("A", " y")]
+    assert cache.get("shard-00000.parquet", keys) is None
+    cache.put("shard-00000.parquet", shard, keys, [0.25, 0.5])
+    assert ScoreCache(tmp_path, task).get("shard-00000.parquet", keys) == [0.25, 0.5]
+    assert cache.get("shard-00000.parquet", keys[::-1]) is None  # other completions (or order): a miss
+    assert cache.get("shard-00000.parquet", [completion_key("A", " x"), completion_key("A", " w")]) is None
+    assert cache.known() == dict(zip(keys, [0.25, 0.5], strict=True))
+    (cache.directory / "shard-00001.parquet").write_bytes(b"PAR1 cut short")  # unreadable: a miss
+    assert cache.get("shard-00001.parquet", keys) is None and len(cache.known()) == 2
+    # Another scorer: another directory, the first one's scores untouched.
+    other = ScoreCache(tmp_path, {**task, "task": "other"})
+    assert other.directory != cache.directory and other.get("shard-00000.parquet", keys) is None
+    assert scorer_fingerprint({"b": 1, "a": [1, 2]}) == scorer_fingerprint({"a": [1, 2], "b": 1})  # canonical
