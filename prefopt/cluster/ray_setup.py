@@ -25,7 +25,8 @@ def connect(cluster: ClusterConfig, roles: list[RoleConfig]) -> None:
     if cluster.address is None:
         # A local instance sized for the job even on a 1-core laptop: CPU "slots" are logical.
         need = sum(role.num_workers * role.cpus_per_worker for role in roles) + 1
-        kwargs.update(num_cpus=max(os.cpu_count() or 1, int(need + 0.999)))
+        # "local": a new instance of our own, never one that `ray start` left running on this machine.
+        kwargs.update(address="local", num_cpus=max(os.cpu_count() or 1, int(need + 0.999)))
     else:
         kwargs["address"] = cluster.address
     ray.init(**kwargs)

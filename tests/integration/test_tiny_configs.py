@@ -23,7 +23,9 @@ REFERENCE_FREE = {"simpo", "orpo", "sft"}
 def reference_actors(ray) -> int:
     from ray.util.state import list_actors
 
-    return len(list_actors(filters=[("class_name", "=", "ReferenceWorker")], limit=1000))
+    # Our own instance's dashboard: the state API would refuse to guess among several on the machine.
+    address = "http://" + ray._private.worker.get_dashboard_url()
+    return len(list_actors(address=address, filters=[("class_name", "=", "ReferenceWorker")], limit=1000))
 
 
 @pytest.mark.parametrize("name", ["dpo", "ipo", "kto", "simpo", "orpo", "sft"])
