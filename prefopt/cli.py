@@ -12,6 +12,7 @@ from rich.syntax import Syntax
 from prefopt.cli_common import DEBUG, ConfigArg, SetOpt, console, guarded, resolve
 from prefopt.config import TinyModelConfig
 from prefopt.data.cli import data_app
+from prefopt.launch.cli import register as register_launch
 from prefopt.tracking.cli import register as register_tracking
 
 app = typer.Typer(
@@ -123,3 +124,4 @@ def label(config: ConfigArg, set_: SetOpt = None) -> None:
 # Sub-commands that live beside their packages, registered last so that `prefopt --help` lists them last.
 app.add_typer(data_app, name="data")
 register_tracking(app)
+register_launch(app)

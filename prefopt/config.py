@@ -233,7 +233,8 @@ class TrackingConfig(Section):
     uri: str | None = Field(
         None,
         description="MLflow tracking URI (http://host:5000, sqlite:///..., postgresql://...); "
-        "null: sqlite:///<parent of output_dir>/mlflow.db, artifacts in mlartifacts/ beside it",
+        "null: $MLFLOW_TRACKING_URI when set, else sqlite:///<parent of output_dir>/mlflow.db, "
+        "artifacts in mlartifacts/ beside it",
     )
     experiment: str = Field("prefopt", min_length=1)
     run_name: str | None = Field(None, description="null: '<algorithm>-<YYYYmmdd-HHMMSS>'")

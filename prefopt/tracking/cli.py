@@ -36,8 +36,8 @@ ExperimentOpt = Annotated[
 ]
 UriOpt = Annotated[
     str | None,
-    typer.Option("--tracking-uri", help="MLflow URI [default: tracking.uri of the config, "
-                 "else runs/mlflow.db]", show_default=False),
+    typer.Option("--tracking-uri", help="MLflow URI (default: tracking.uri of the config, "
+                 "else $MLFLOW_TRACKING_URI, else runs/mlflow.db)", show_default=False),
 ]
 ConfigOpt = Annotated[
     Path | None,

@@ -1,14 +1,17 @@
 """Where runs are stored: the tracking URI, the artifact root beside a SQLite file, experiments.
 
-The embedded default is one SQLite file for all runs of a project: with `output_dir:
-runs/<name>` every run lands in `runs/mlflow.db` and its artifacts in `runs/mlartifacts/`, so
-runs with different output folders can be compared. Any other MLflow URI is used as given; an
-HTTP server decides itself where artifacts go.
+MLflow's own convention decides where runs go, for `train`, `compare`, `runs` and submitted jobs
+alike: `tracking.uri` when the config sets it, else the `MLFLOW_TRACKING_URI` environment
+variable when set, else the embedded default: one SQLite file for all runs of a project (with
+`output_dir: runs/<name>` every run lands in `runs/mlflow.db` and its artifacts in
+`runs/mlartifacts/`, so runs with different output folders can be compared). Any other MLflow URI
+is used as given; an HTTP server decides itself where artifacts go.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,6 +24,7 @@ if TYPE_CHECKING:
     from mlflow.entities import Experiment
 
 STORE_FILE = "mlflow.db"
+ENV_URI = "MLFLOW_TRACKING_URI"  # MLflow's own variable, read the way every MLflow tool reads it
 ARTIFACT_DIR = "mlartifacts"
 
 
@@ -36,14 +40,26 @@ def default_store_dir(output_dir: str | Path) -> Path:
 
 
 def resolve_tracking_uri(cfg: RunConfig) -> str:
-    """The MLflow tracking URI of a run: `tracking.uri`, or the project's SQLite file.
+    """The MLflow tracking URI of a run: `tracking.uri`, else $MLFLOW_TRACKING_URI, else the
+    project's SQLite file (see tracking_uri_source).
 
     Relative SQLite paths are made absolute, so that a resumed or compared run finds the same
     file from another working directory.
     """
     if cfg.tracking.uri:
         return _absolute_sqlite(cfg.tracking.uri)
+    if os.environ.get(ENV_URI):
+        return _absolute_sqlite(os.environ[ENV_URI])
     return _sqlite_uri(default_store_dir(cfg.output_dir) / STORE_FILE)
+
+
+def tracking_uri_source(cfg: RunConfig) -> str:
+    """What decided resolve_tracking_uri's answer, as messages name it."""
+    if cfg.tracking.uri:
+        return "tracking.uri"
+    if os.environ.get(ENV_URI):
+        return ENV_URI
+    return "output_dir (the default store sits beside it)"
 
 
 def _sqlite_uri(path: Path) -> str:
@@ -154,7 +170,7 @@ def check_reachable(cfg: RunConfig, timeout_s: float = 5.0) -> None:
     import urllib.request
 
     uri = resolve_tracking_uri(cfg)
-    field = "tracking.uri" if cfg.tracking.uri else "output_dir (the default store sits beside it)"
+    field = tracking_uri_source(cfg)
     db = sqlite_file(uri)
     if db is not None:
         try:
@@ -169,6 +185,6 @@ def check_reachable(cfg: RunConfig, timeout_s: float = 5.0) -> None:
             return
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
-            raise TrackingError(f"tracking.uri: no MLflow server answers at {uri} ({reason}); start one "
-                                "(mlflow server ...), fix the address, or unset tracking.uri for the local "
+            raise TrackingError(f"{field}: no MLflow server answers at {uri} ({reason}); start one "
+                                f"(mlflow server ...), fix the address, or unset {field} for the local "
                                 "SQLite store") from None

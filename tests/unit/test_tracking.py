@@ -8,7 +8,20 @@ import json
 import pytest
 
 from prefopt.config import RunConfig
-from prefopt.tracking.store import artifact_root, resolve_tracking_uri, slug, sqlite_file, ui_hint
+from prefopt.tracking.store import (
+    artifact_root,
+    resolve_tracking_uri,
+    slug,
+    sqlite_file,
+    tracking_uri_source,
+    ui_hint,
+)
+
+
+@pytest.fixture(autouse=True)
+def no_tracking_env(monkeypatch):
+    """The tests below decide MLFLOW_TRACKING_URI themselves, whatever the shell has."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
 
 
 def cfg(**tree) -> RunConfig:
@@ -37,6 +50,43 @@ def test_other_uris_are_used_as_given():
         assert artifact_root(uri) is None  # the server or MLflow decides
     assert ui_hint("http://h:5000") == "open http://h:5000 in a browser"
     assert ui_hint("sqlite:////a/b.db") == "mlflow ui --backend-store-uri sqlite:////a/b.db"
+
+
+def test_mlflow_tracking_uri_is_used_when_the_config_sets_none(tmp_path, monkeypatch):
+    # MLflow's own convention: config, then $MLFLOW_TRACKING_URI, then the local SQLite file.
+    run = cfg(output_dir=str(tmp_path / "runs" / "a"))
+    assert resolve_tracking_uri(run) == f"sqlite:///{tmp_path}/runs/mlflow.db"
+    assert tracking_uri_source(run).startswith("output_dir")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.internal:5000")
+    assert resolve_tracking_uri(run) == "http://mlflow.internal:5000"
+    assert tracking_uri_source(run) == "MLFLOW_TRACKING_URI"
+    monkeypatch.chdir(tmp_path)  # a relative SQLite path from the environment is made absolute too
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///shared/m.db")
+    assert resolve_tracking_uri(run) == f"sqlite:///{tmp_path}/shared/m.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "")  # set but empty: as if unset
+    assert resolve_tracking_uri(run) == f"sqlite:///{tmp_path}/runs/mlflow.db"
+
+
+def test_the_config_wins_over_the_environment(monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://from-env:5000")
+    given = cfg(tracking={"uri": "http://from-config:5000"})
+    assert resolve_tracking_uri(given) == "http://from-config:5000"
+    assert tracking_uri_source(given) == "tracking.uri"
+
+
+def test_an_unreachable_server_from_the_environment_is_named_as_such(monkeypatch):
+    import socket
+
+    from prefopt.tracking.store import TrackingError, check_reachable
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens once closed
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    with pytest.raises(TrackingError, match=r"^MLFLOW_TRACKING_URI: no MLflow server answers at http://127\.0\.0\.1:"
+                       r".*or unset MLFLOW_TRACKING_URI for the local SQLite store$") as err:
+        check_reachable(cfg(), timeout_s=2)
+    assert err.value.exit_code == 4
 
 
 def test_slug():
@@ -148,12 +198,13 @@ def test_plot_is_a_png(tmp_path):
 
 
 def test_commands_and_math_do_not_import_mlflow():
-    # MLflow takes seconds to import: `prefopt --help` must not pay for it.
+    # MLflow and Ray take seconds to import: `prefopt --help` must not pay for them. prefopt.cli
+    # holds every command (compare, runs, submit, job ...).
     import subprocess
     import sys
 
-    code = ("import sys, prefopt.tracking.cli, prefopt.tracking.frontier, "
-            "prefopt.tracking.report; print(json.dumps('mlflow' in sys.modules))")
+    code = ("import sys, prefopt.cli, prefopt.tracking.frontier, prefopt.tracking.report; "
+            "print(json.dumps({m: m in sys.modules for m in ('mlflow', 'ray')}))")
     out = subprocess.run([sys.executable, "-c", "import json; " + code], capture_output=True,
                          text=True, check=True).stdout
-    assert json.loads(out) is False
+    assert json.loads(out) == {"mlflow": False, "ray": False}

@@ -1,0 +1,299 @@
+"""`prefopt submit` and `prefopt job` against a real two-node Ray cluster on 127.0.0.1.
+
+The cluster is separate processes (`ray start --head --block` and `ray start --address ... --block`)
+with its own temp dir, free ports and token authentication on, so it clashes neither with the
+in-process Ray of the other integration tests (tests/conftest.py ray_local) nor with any other
+Ray on the machine; it is stopped by the ids of the processes it started, never by `ray stop`.
+Every command runs as a CLI subprocess, as a user would run it, with the token in RAY_AUTH_TOKEN
+and RAY_AUTH_MODE unset (the client sends it all the same).
+
+The DPO run uses --no-working-dir: both nodes run the same .venv, where prefopt is installed, so
+there is nothing to upload (faster); `job stop` runs on a job submitted with the repository as
+its working dir, so the upload path runs against the real cluster too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import requests
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY_DPO = ROOT / "configs/tiny/dpo.yaml"
+VENV_BIN = Path(sys.executable).parent
+
+
+# ----------------------------------------------------------------------------- the cluster
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class LocalCluster:
+    temp_dir: Path
+    port: int
+    dashboard_port: int
+    token: str
+    env: dict[str, str]  # what the nodes run with
+    procs: list[subprocess.Popen] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    def start_node(self, args: list[str], log: str) -> None:
+        ports = ("--node-manager-port", "--object-manager-port", "--dashboard-agent-listen-port",
+                 "--dashboard-agent-grpc-port", "--metrics-export-port", "--runtime-env-agent-port")
+        with open(self.temp_dir / log, "wb") as out:
+            self.procs.append(subprocess.Popen(
+                [str(VENV_BIN / "ray"), "start", "--block", "--node-ip-address=127.0.0.1",
+                 f"--temp-dir={self.temp_dir}", "--disable-usage-stats", *args,
+                 *(f"{p}={free_port()}" for p in ports)],
+                env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
+
+    def get(self, path: str, **params) -> dict | list:
+        reply = requests.get(f"{self.url}{path}", params=params, timeout=15,
+                             headers={"authorization": f"Bearer {self.token}"})
+        reply.raise_for_status()
+        return reply.json()
+
+    def state(self, what: str) -> list[dict]:
+        return self.get(f"/api/v0/{what}", limit=10000, timeout=10)["data"]["result"]["result"]
+
+    def wait_nodes(self, n: int, timeout_s: float = 180) -> None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            for proc in self.procs:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"ray start exited with {proc.returncode}: {self.logs()}")
+            try:
+                if sum(node["state"] == "ALIVE" for node in self.state("nodes")) >= n:
+                    return
+            except (requests.exceptions.RequestException, ValueError, KeyError):
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{n} Ray node(s) not up after {timeout_s}s: {self.logs()}")
+            time.sleep(0.5)
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}"
+                         for p in sorted(self.temp_dir.glob("*.log")))
+
+    def stop(self) -> None:
+        """Kill what this cluster started: the `ray start` process groups, then any process left
+        whose command line or environment names this cluster's temp dir (workers, job drivers)."""
+        for proc in self.procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        for _ in range(10):
+            left = [pid for pid in pids_naming(str(self.temp_dir)) if pid != os.getpid()]
+            for pid in left:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            if not left:
+                break
+            time.sleep(0.5)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def pids_naming(text: str) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                seen = (entry / "cmdline").read_bytes() + (entry / "environ").read_bytes()
+            except OSError:
+                continue
+            if text.encode() in seen:
+                pids.append(int(entry.name))
+    return pids
+
+
+def torch_extensions_dir() -> Path:
+    """DeepSpeed JIT-builds its CPU shm op into ~/.cache/torch_extensions/<python>/ under one name
+    for every checkout, so two virtualenvs on one machine rebuild it in turn (35-90 s each on 2
+    cores); a folder per virtualenv keeps this cluster's ranks on a built one."""
+    key = hashlib.sha1(str(VENV_BIN).encode()).hexdigest()[:10]
+    return Path.home() / ".cache" / "torch_extensions" / f"prefopt-{key}"
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    # A short temp dir: Ray's unix sockets live under it (at most 107 bytes a path). TMPDIR points
+    # into it too, so that the job drivers' files (and processes) are found and removed with it.
+    temp_dir = Path(tempfile.mkdtemp(prefix="pfr-", dir="/tmp"))
+    token = secrets.token_hex(32)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
+    env.update(PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}", RAY_AUTH_MODE="token",
+               RAY_AUTH_TOKEN=token, RAY_USAGE_STATS_ENABLED="0", TMPDIR=str(temp_dir),
+               PYTHONUNBUFFERED="1", TORCH_EXTENSIONS_DIR=str(torch_extensions_dir()))
+    c = LocalCluster(temp_dir, free_port(), free_port(), token, env)
+    start = time.perf_counter()
+    try:
+        c.start_node(["--head", f"--port={c.port}", f"--dashboard-port={c.dashboard_port}",
+                      "--dashboard-host=127.0.0.1", "--num-cpus=2", f"--ray-client-server-port={free_port()}"],
+                     "head.log")
+        c.wait_nodes(1)
+        c.start_node([f"--address=127.0.0.1:{c.port}", "--num-cpus=2"], "worker.log")
+        c.wait_nodes(2)
+        print(f"\n  two-node cluster up in {time.perf_counter() - start:.1f} s")
+        yield c
+    finally:
+        c.stop()
+
+
+def prefopt(cluster: LocalCluster, *args: str, env: dict[str, str] | None = None,
+            timeout: float = 600) -> tuple[subprocess.CompletedProcess, float]:
+    """Run the CLI as a user would: the token in RAY_AUTH_TOKEN, RAY_AUTH_MODE unset."""
+    base = {k: v for k, v in cluster.env.items() if k != "RAY_AUTH_MODE"}
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "prefopt", *args, "--address", cluster.url],
+                          env=env if env is not None else base, capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+    return done, time.perf_counter() - start
+
+
+def sets(*overrides: str) -> list[str]:
+    return [a for s in overrides for a in ("--set", s)]
+
+
+def one_error(output: str) -> str:
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in output, output
+    return errors[0]
+
+
+def job_id_of(output: str) -> str:
+    found = re.search(r"submitted job (prefopt-\S+) to", output)
+    assert found, output
+    return found.group(1)
+
+
+def tiny_run(tmp_path: Path, model_dir: Path, *more: str) -> list[str]:
+    return sets(f"model.path={model_dir}", "data.num_examples=32", "eval.every_steps=null", "eval.num_prompts=4",
+                "eval.sampling.max_new_tokens=4", "train.log_steps=1", f"output_dir={tmp_path / 'run'}",
+                f"tracking.uri=sqlite:///{tmp_path / 'store' / 'mlflow.db'}", "tracking.experiment=submitted",
+                *more)
+
+
+# ----------------------------------------------------------------------------- the tests
+
+
+def test_submit_wait_runs_dpo_on_two_nodes_and_records_it(cluster, tmp_path, tiny_model_dir, capsys):
+    done, seconds = prefopt(cluster, "submit", str(TINY_DPO), "--wait", "--no-working-dir",
+                            *tiny_run(tmp_path, tiny_model_dir, "policy.num_workers=2", "train.max_steps=3",
+                                      "cluster.placement_strategy=SPREAD", "tracking.run_name=dpo-$HOME"))
+    with capsys.disabled():
+        print(f"\n  submit --wait of a 3-step DPO run (2 policy ranks): exit {done.returncode} after {seconds:.1f} s")
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output + cluster.logs()
+    job_id = job_id_of(output)
+    assert f"job {job_id} SUCCEEDED" in output
+    assert "policy: 2 rank(s), ZeRO stage 3" in output  # streamed from the driver
+    assert "--no-working-dir" not in output and "no code upload" in output
+
+    # The two policy ranks were actors of this job, spread over both nodes.
+    job = cluster.get(f"/api/jobs/{job_id}")
+    ranks = [a for a in cluster.state("actors") if a["job_id"] == job["job_id"]
+             and a.get("name", "").startswith("policy-rank")]
+    assert sorted(a["name"].split("-")[1] for a in ranks) == ["rank0", "rank1"], ranks
+    assert len({a["node_id"] for a in ranks}) == 2, ranks
+    assert len({n["node_id"] for n in cluster.state("nodes") if n["state"] == "ALIVE"}) == 2
+
+    # The run is in the store tracking.uri names, finished, with the config it ran.
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("submitted")
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert runs[0].info.run_name == "dpo-$HOME"  # the config arrived as written, no $ expanded
+    params, metrics = runs[0].data.params, runs[0].data.metrics
+    assert params["policy.num_workers"] == "2" and params["cluster.address"] == "auto"
+    assert "loss" in metrics and "eval/reward" in metrics
+    assert (tmp_path / "run" / "model" / "config.json").is_file()  # the exported policy
+
+
+def test_a_request_no_node_can_hold_fails_at_submission(cluster, tmp_path, tiny_model_dir, capsys):
+    before = len(cluster.get("/api/jobs/"))
+    done, seconds = prefopt(cluster, "submit", str(TINY_DPO), "--wait", "--no-working-dir",
+                            *tiny_run(tmp_path, tiny_model_dir, "policy.cpus_per_worker=3"))
+    with capsys.disabled():
+        print(f"\n  policy.cpus_per_worker=3 on 2-CPU nodes: exit {done.returncode} after {seconds:.1f} s "
+              "(the whole CLI process, imports included)")
+    assert done.returncode == 3, done.stdout + done.stderr
+    assert one_error(done.stderr) == (f"error: the cluster at {cluster.url}: policy: policy.cpus_per_worker=3 but "
+                                      "the largest node has 2 CPU; lower policy.cpus_per_worker")
+    assert len(cluster.get("/api/jobs/")) == before  # nothing was submitted
+
+
+def test_wait_reports_the_jobs_own_error_in_one_line(cluster, tmp_path, tiny_model_dir, capsys):
+    # A path that exists here and not "on the cluster": the driver's preflight refuses it.
+    done, seconds = prefopt(cluster, "submit", str(TINY_DPO), "--wait", "--no-working-dir",
+                            *tiny_run(tmp_path, tiny_model_dir, f"model.path={tmp_path / 'no-model'}"))
+    with capsys.disabled():
+        print(f"\n  a job that fails in its preflight: exit {done.returncode} after {seconds:.1f} s")
+    assert done.returncode == 3, done.stdout + done.stderr
+    line = one_error(done.stderr)
+    assert re.fullmatch(rf"error: job prefopt-dpo-\S+ FAILED \(its command exited with 2\): model.path: "
+                        rf"{re.escape(str(tmp_path / 'no-model'))} is not a Hugging Face model directory "
+                        r"\(no config.json\)", line), line
+
+
+def test_job_stop_stops_a_running_job(cluster, tmp_path, tiny_model_dir, capsys):
+    done, _ = prefopt(cluster, "submit", str(TINY_DPO), "--working-dir", str(ROOT),
+                      *tiny_run(tmp_path, tiny_model_dir, "train.max_steps=100000"))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert re.search(r"uploaded \S+ \(\d+\.\d MiB zipped", done.stdout), done.stdout
+    job_id = job_id_of(done.stdout)
+    deadline = time.monotonic() + 300
+    while (status := cluster.get(f"/api/jobs/{job_id}")["status"]) != "RUNNING":
+        assert status == "PENDING" and time.monotonic() < deadline, status
+        time.sleep(0.5)
+    status_line, _ = prefopt(cluster, "job", "status", job_id)
+    assert status_line.stdout.startswith(f"{job_id}  RUNNING"), status_line.stdout
+    stopped, seconds = prefopt(cluster, "job", "stop", job_id)
+    with capsys.disabled():
+        print(f"\n  job stop: exit {stopped.returncode} after {seconds:.1f} s")
+    assert stopped.returncode == 0 and f"job {job_id} STOPPED" in stopped.stdout, stopped.stdout + stopped.stderr
+    assert cluster.get(f"/api/jobs/{job_id}")["status"] == "STOPPED"
+    listed, _ = prefopt(cluster, "job", "list")
+    assert re.search(rf"{job_id}\s+STOPPED\s+{re.escape(str(TINY_DPO))}", listed.stdout), listed.stdout
+    again, _ = prefopt(cluster, "job", "logs", job_id, "--follow")  # the outcome of a stopped job: 3
+    assert again.returncode == 3 and one_error(again.stderr) == f"error: job {job_id} was stopped"
+
+
+def test_a_missing_or_wrong_token_gets_one_line_saying_what_to_set(cluster, tmp_path):
+    base = {k: v for k, v in cluster.env.items() if not k.startswith("RAY_AUTH")}
+    missing, _ = prefopt(cluster, "job", "list", env={**base, "HOME": str(tmp_path)})  # no ~/.ray/auth_token
+    assert missing.returncode == 2
+    assert one_error(missing.stderr).startswith(f"error: the Ray cluster at {cluster.url} wants an auth token "
+                                                "and none was found here: set RAY_AUTH_TOKEN")
+    wrong, _ = prefopt(cluster, "job", "list", env={**base, "RAY_AUTH_TOKEN": "not-the-token"})
+    assert wrong.returncode == 2
+    assert one_error(wrong.stderr).startswith(f"error: the Ray cluster at {cluster.url} rejected the auth "
+                                              "token from RAY_AUTH_TOKEN")
+    unknown, _ = prefopt(cluster, "job", "status", "prefopt-nope")
+    assert unknown.returncode == 2 and "no job 'prefopt-nope' on the cluster" in one_error(unknown.stderr)
