@@ -328,7 +328,7 @@ def score_with_judge(cfg: RunConfig, table: dict[str, list], console, group=None
     if judge.endpoint:
         from prefopt.algorithms import judge_http
 
-        probs = judge_http.score(judge, questions, list(judge.answers), console)
+        probs = judge_http.score(judge, questions, list(judge.answers), lambda total: _progress(console, total))
     else:
         probs = on_reward_role(cfg, console, "lm", "judge", questions, list(judge.answers), group=group)
     if judge.mode == "rating":
