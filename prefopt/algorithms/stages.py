@@ -134,7 +134,9 @@ def preflight(cfg: RunConfig, console, *, with_reference: bool, tracking: bool =
 
     from prefopt.cluster.worker_group import check_fits
 
-    for field, path in (("model.path", cfg.model.path), ("ref.model_path", cfg.ref.model_path)):
+    critic_path = cfg.critic.model_path if "critic" in more else None
+    for field, path in (("model.path", cfg.model.path), ("ref.model_path", cfg.ref.model_path),
+                        ("critic.model_path", critic_path)):
         if path is not None and not (Path(path) / "config.json").is_file():
             raise PreflightError(f"{field}: {path} is not a Hugging Face model directory (no config.json)")
     if cfg.data.path is not None and not Path(cfg.data.path).exists() and "://" not in cfg.data.path:
