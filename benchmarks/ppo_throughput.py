@@ -31,8 +31,9 @@ What both systems get, and how it is aligned:
   (coefficient 0.05), whitened advantages, the same learning rate for policy and critic.
 - rollout forwards: TRL runs its reference, value and reward forwards in batches of
   local_rollout_forward_batch_size, set to the rollout batch (it also generates in batches of
-  that size); prefopt's reference and reward roles get micro_batch_size = the rollout batch,
-  its critic scores in its training micro-batch (`--micro`).
+  that size); prefopt's reference, critic and reward roles get score_batch_size = the rollout
+  batch (rows per no-grad scoring forward; the critic still trains in micro-batches of `--micro`),
+  and its policy generates the whole rollout batch at once.
 - precision: fp32 everywhere. TRL's PPOConfig defaults to bf16=True (autocast to bf16 on CPU)
   and gradient_checkpointing=True; both are set off, and the run fails unless TRL's
   accelerator reports no mixed precision, no model has activation checkpointing on, and every
@@ -40,10 +41,11 @@ What both systems get, and how it is aligned:
   rank's parameter bytes are checked (4 per parameter).
 - ranks and threads: one rank each. TRL: one process, `--threads` torch threads. prefopt: its
   design, each role on its own Ray actor (policy, reference, critic, reward), each with
-  `--role-threads` torch threads (cpus_per_worker; default `--threads`); the phases run one
-  after another except the policy and critic updates, which run at the same time, so with 2
-  threads per role on 2 cores they are 4 threads on 2 cores. `--role-threads 1` keeps prefopt
-  within the 2 cores TRL gets (1 is also prefopt's default cpus_per_worker).
+  `--role-threads` torch threads (cpus_per_worker; default `--threads`). prefopt's design runs
+  some roles at the same time: reference, critic and reward score together (3 roles), and the
+  policy and critic update together (2), so with 2 threads per role on 2 cores they are 6, then
+  4, threads on 2 cores; with `--role-threads 1`, 3 then 2 (1 is prefopt's default
+  cpus_per_worker). TRL's phases run one after another in its one process.
 - the local Ray instance prefopt needs is started first (sized for all four roles), so both
   systems are measured with its daemons up, as in benchmarks/throughput.py.
 
@@ -58,7 +60,8 @@ loop per iteration (train.log_steps=1); an iteration is its call plus the loop's
 four models and building the trainer; prefopt: starting and building the four roles' Ray actors
 and DeepSpeed engines, the MLflow run; Ray itself was started before) is in no iteration; it is
 printed apart. Rollout tokens/s = generated completion tokens of the measured iterations / their
-summed time. prefopt's phases are its own metrics ppo/time/* (metrics.jsonl); TRL's are
+summed time. prefopt's phases are its own metrics ppo/time/* (metrics.jsonl: `score` is the
+concurrent phase, and its reward, reference and values rows overlap inside it); TRL's are
 measured by wrapping the module-level functions its PPO loop calls (batch_generation, forward,
 get_reward, truncate_response), which changes nothing they do. The 1-minute load average before
 and after is printed: on a shared machine it says how much else ran.
@@ -91,7 +94,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TRL_VERSION = "1.12.0"  # the last TRL release with a PPO trainer (trl.experimental.ppo)
 DEFAULT_TRL_DIR = Path(os.environ.get("PREFOPT_BENCH_TRL_DIR", Path.home() / f".cache/prefopt-bench/trl-{TRL_VERSION}"))
 KL_COEF = 0.05
-PREFOPT_PHASES = ("generate", "reward", "reference", "values", "advantages", "update")
+PREFOPT_PHASES = ("generate", "score", "reward", "reference", "values", "advantages", "update")
 TRL_PHASES = ("generate", "reference", "values", "reward")
 
 
@@ -312,9 +315,11 @@ def prefopt_config(args, model_dir: Path, rm_dir: Path, prompts_file: Path, out:
         "ppo.whiten_advantages=true", "ppo.whiten_rewards=false", "ppo.missing_eos_penalty=null",
         f"ppo.sampling.max_new_tokens={args.max_new_tokens}", "ppo.sampling.temperature=1.0",
         "ppo.sampling.top_k=0", "ppo.sampling.top_p=1.0", "ppo.sampling.greedy=false",
-        "reward.source=model", f"reward.model_path={rm_dir}", f"reward.micro_batch_size={rollout}",
+        # Every no-grad scoring forward takes the whole rollout batch, as TRL's do
+        # (local_rollout_forward_batch_size); the critic trains in micro-batches of --micro.
+        "reward.source=model", f"reward.model_path={rm_dir}", f"reward.score_batch_size={rollout}",
         f"critic.model_path={rm_dir}", f"critic.lr={args.lr}", f"critic.micro_batch_size={args.micro}",
-        f"ref.micro_batch_size={rollout}",
+        f"critic.score_batch_size={rollout}", f"ref.score_batch_size={rollout}",
         "policy.num_workers=1", f"policy.micro_batch_size={args.micro}",
         f"policy.cpus_per_worker={args.role_threads}",  # reference, critic and reward: the same (null there)
         f"train.gradient_accumulation_steps={rollout // args.minibatches // args.micro}",
@@ -543,8 +548,9 @@ def main() -> None:
         f"{args.prompts // args.minibatches}, micro-batch {args.micro}; GAE critic from the reward model; "
         f"{args.warmup} warm-up + {args.iterations} measured iterations")
     console.print(f"threads: TRL {args.threads} torch threads in its one process; prefopt {args.role_threads} in each "
-                  "role's Ray actor (policy, reference, critic, reward), one role computing at a time except the "
-                  f"policy and critic updates, which run together ({2 * args.role_threads} threads then)")
+                  "role's Ray actor (policy, reference, critic, reward); reference, critic and reward score together "
+                  f"({3 * args.role_threads} threads then), the policy and critic update together "
+                  f"({2 * args.role_threads})")
 
     table = Table(title=f"PPO iteration (rollout + update): median seconds, {args.iterations} measured iterations, "
                         f"{env['threads']} threads, fp32")
@@ -560,7 +566,9 @@ def main() -> None:
     console.print(table)
 
     phase_table = Table(title="where an iteration goes: median seconds per phase (share of the median iteration)")
-    phase_table.caption = "prefopt: its metrics ppo/time/*; TRL: its PPO loop's functions, timed from outside"
+    phase_table.caption = ("prefopt: its metrics ppo/time/* (its three scoring roles run at once: each row is the "
+                           "time until that role was done); TRL: its PPO loop's functions, timed from outside, "
+                           "one after another")
     phase_table.add_column("phase", no_wrap=True)
     for key in results:
         phase_table.add_column(labels[key], justify="right", no_wrap=True)
@@ -574,9 +582,11 @@ def main() -> None:
     tr = results.get("trl", {}).get("phases_median", {})
     trl_rest = (results["trl"]["iteration_seconds_median"] - sum(tr.get(p, 0.0) for p in TRL_PHASES)) if tr else None
     rows = [("generate", pf.get("generate"), tr.get("generate")),
-            ("reward (reward model)", pf.get("reward"), tr.get("reward")),
-            ("reference log-probs", pf.get("reference"), tr.get("reference")),
-            ("values (critic)", pf.get("values"), tr.get("values")),
+            ("scoring (the three below)", pf.get("score"),
+             sum(tr[k] for k in ("reward", "reference", "values")) if tr else None),
+            ("  reward (reward model)", pf.get("reward"), tr.get("reward")),
+            ("  reference log-probs", pf.get("reference"), tr.get("reference")),
+            ("  values (critic)", pf.get("values"), tr.get("values")),
             ("advantages (controller)", pf.get("advantages"), None),
             ("update (policy + critic)", pf.get("update"), None),
             ("  policy, on its rank", pf.get("policy_update"), None),
@@ -614,7 +624,7 @@ def main() -> None:
                                    if "trl" in results else ""))
     console.print(f"1-minute load average before -> after the iterations: {load[0]:.1f} -> {load[1]:.1f} "
                   f"({env['cpus_usable']} usable CPUs; the benchmark alone keeps it near "
-                  f"{max(args.threads, 2 * args.role_threads)}: more means "
+                  f"{max(args.threads, 3 * args.role_threads)}: more means "
                   "other processes shared the CPU, and every number above is slower for it" +
                   ("; the two systems ran alternately, iteration by iteration, so both shared it alike)"
                    if len(results) == 2 else ")"))

@@ -74,7 +74,9 @@ def guarded(action: Callable[[], T], *, log_dir: str | Path | None = None) -> T:
 
 def _save_traceback(log_dir: str | Path | None) -> str:
     try:
-        path = Path(log_dir or ".") / "prefopt-error.log"
+        from prefopt.storage import is_remote
+
+        path = Path(log_dir if log_dir and not is_remote(log_dir) else ".") / "prefopt-error.log"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(traceback.format_exc())
         return str(path)

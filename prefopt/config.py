@@ -50,7 +50,7 @@ class TinyModelConfig(Section):
 
 class ModelConfig(Section):
     path: str | None = Field(
-        None, description="Hugging Face model directory; null builds the tiny model below"
+        None, description="Hugging Face model directory (a local path or s3://, gs://); null builds the tiny model below"
     )
     tiny: TinyModelConfig = TinyModelConfig()
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -170,7 +170,16 @@ class RoleConfig(Section):
     cpus_per_worker: float = Field(1, gt=0)
     gpus_per_worker: float = Field(0, ge=0)
     micro_batch_size: int = Field(4, ge=1, description="examples per rank per forward")
+    score_batch_size: int | None = Field(
+        None, ge=1, description="examples per rank per no-grad scoring forward (log-probs, values, rewards); "
+        "null: micro_batch_size")
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+
+    @property
+    def score_batch(self) -> int:
+        """score_batch_size, else micro_batch_size. A no-grad forward keeps no activations for a
+        backward, so it can take more rows than a training one; null keeps memory as it was."""
+        return self.score_batch_size or self.micro_batch_size
 
 
 class PolicyConfig(RoleConfig):
@@ -425,7 +434,7 @@ class RunConfig(Section):
     label: LabelConfig = LabelConfig()
     ppo: PPOConfig = PPOConfig()
     critic: CriticConfig = CriticConfig()
-    output_dir: str = "runs/default"
+    output_dir: str = Field("runs/default", description="a local path, or s3://, gs://, hdfs:// (docs/storage.md)")
 
     @model_validator(mode="before")
     @classmethod
@@ -471,7 +480,7 @@ class RunConfig(Section):
 
         return RoleConfig(num_workers=own("num_workers"), cpus_per_worker=own("cpus_per_worker"),
                           gpus_per_worker=own("gpus_per_worker"), micro_batch_size=own("micro_batch_size"),
-                          deepspeed=role.deepspeed)
+                          score_batch_size=role.score_batch_size, deepspeed=role.deepspeed)
 
     @property
     def reward_role(self) -> RoleConfig:

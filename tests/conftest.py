@@ -49,3 +49,16 @@ def ray_local():
     connect(ClusterConfig(), [RoleConfig(num_workers=2), RoleConfig(num_workers=1)])
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """An S3-compatible server on 127.0.0.1 (tests/s3_server.py), this process pointed at it.
+    Processes started after it (CLI runs, a local Ray started by them) inherit the variables."""
+    import s3_server
+
+    server = s3_server.start()
+    previous = s3_server.use(server)
+    yield server
+    s3_server.restore(previous)
+    server.stop()

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from prefopt.config import RunConfig
 from prefopt.errors import UserError
+from prefopt.storage import local_dir_for
 
 MANIFEST = "manifest.json"
 # Parts of the manifest that decide the samples: a difference in one of them is another data set.
@@ -41,7 +42,9 @@ class GeneratedMismatch(UserError, ValueError):
 
 
 def output_dir(cfg: RunConfig) -> Path:
-    return Path(cfg.generate.output_dir or Path(cfg.output_dir) / "generated")
+    from prefopt.storage import local_output
+
+    return local_output(cfg.generate.output_dir, cfg.output_dir, "generated", "generate.output_dir")
 
 
 def shard_name(index: int) -> str:
@@ -172,7 +175,7 @@ def run(cfg: RunConfig, console) -> Path:
     g = cfg.generate
     stages.preflight(cfg, console, with_reference=False, tracking=False)
     with console.status("model and tokenizer"):
-        model_dir, tokenizer = model_and_tokenizer(cfg.model, cfg.output_dir)
+        model_dir, tokenizer = model_and_tokenizer(cfg.model, local_dir_for(cfg.output_dir))
     with console.status("reading and tokenizing the prompts"):
         texts, prompt_ids, data_fp = read_prompts(cfg, tokenizer)
     directory = output_dir(cfg)

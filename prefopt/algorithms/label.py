@@ -47,7 +47,9 @@ class LabelError(UserError, ValueError):
 
 
 def output_dir(cfg: RunConfig) -> Path:
-    return Path(cfg.label.output_dir or Path(cfg.output_dir) / "labelled")
+    from prefopt.storage import local_output
+
+    return local_output(cfg.label.output_dir, cfg.output_dir, "labelled", "label.output_dir")
 
 
 def input_dir(cfg: RunConfig) -> Path:
@@ -278,8 +280,8 @@ def on_reward_role(cfg: RunConfig, console, head: str, method: str, items: list,
         with reward_role(cfg, console, head) as started:
             return on_reward_role(cfg, console, head, method, items, *args, group=started)
     role = cfg.reward_role
-    # A few calls rather than one, so the bar moves; each a multiple of every rank's micro-batch.
-    chunk = role.micro_batch_size * role.num_workers * 8
+    # A few calls rather than one, so the bar moves; each a multiple of every rank's scoring batch.
+    chunk = role.score_batch * role.num_workers * 8
     out: list[float] = []
     with _progress(console, len(items)) as progress:
         bar = progress.add_task("label", total=len(items))

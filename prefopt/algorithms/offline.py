@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from prefopt.algorithms import stages
 from prefopt.config import RunConfig
@@ -20,8 +19,8 @@ from prefopt.config import RunConfig
 
 @dataclass
 class TrainResult:
-    output_dir: Path
-    model_dir: Path
+    output_dir: str  # a local path or a store's URI (prefopt.storage)
+    model_dir: str  # the exported model: output_dir/model
     final_metrics: dict[str, float]
     steps: int
     run_id: str

@@ -10,9 +10,10 @@ trained reward model on its own ranks). One train step is one PPO iteration:
 
     prompts      ppo.rollout_prompts of the data, K = ppo.samples_per_prompt times each
     generate     policy ranks: completions and their log-probs (the sampling policy's own)
-    score        reward role: one number per completion (EOS penalty, whitening, clipping)
-    reference    reference ranks: per-token log-probs -> per-token KL (k1, k2 or k3)
-    values       critic ranks: per-token values
+    score        at once, each role on its own ranks (a task reward on the controller meanwhile):
+                   reward      one number per completion (EOS penalty, whitening, clipping)
+                   reference   per-token log-probs -> per-token KL (k1, k2 or k3)
+                   values      the critic's per-token values
     advantages   controller: rewards shaped (score at the last token, -kl_coef * KL per token),
                  GAE(gamma, lam), whitened over the batch; or RLOO / GRPO baselines over the K samples
     update       policy and critic at once: ppo.epochs x minibatches, one optimizer step each
@@ -175,9 +176,10 @@ class ModelReward:
                                      init_args=(cfg.model_dump_json(),))
             self.group.call("build", cfg.reward.model_path, train=False, head="scalar")
 
-    def __call__(self, prompts: list[str], completions: list[str]) -> list[float]:
+    def split_async(self, prompts: list[str], completions: list[str]):
+        """One reward per completion, computing on the ranks: `.wait()` gives them (a SplitCall)."""
         items = [{"prompt": p, "completion": c} for p, c in zip(prompts, completions, strict=True)]
-        return self.group.split("score_texts", items)
+        return self.group.split_async("score_texts", items)
 
     def shutdown(self) -> None:
         self.group.shutdown()
@@ -215,7 +217,7 @@ def train(cfg: RunConfig, console, *, resume: bool | None = None):
     import ray
 
     from prefopt.algorithms.offline import TrainResult, log_evaluation
-    from prefopt.cluster.worker_group import WorkerGroup
+    from prefopt.cluster.worker_group import WorkerGroup, as_completed
     from prefopt.losses.ppo import kl_controller
     from prefopt.tracking import Tracker
     from prefopt.tracking.tracker import TAG_DATA_FINGERPRINT
@@ -236,7 +238,7 @@ def train(cfg: RunConfig, console, *, resume: bool | None = None):
     policy_schedule, critic_schedule = schedules(cfg, b)
     eos = inputs.tokenizer.eos_token_id
     sampling = p.sampling.model_dump(exclude={"seed"})
-    critic_dir = cfg.critic.model_path or str(inputs.model_dir)
+    critic_dir = cfg.critic.model_path or inputs.rank_model_dir()
 
     reference = critic = reward = policy = None
     try:
@@ -272,7 +274,8 @@ def train(cfg: RunConfig, console, *, resume: bool | None = None):
 
             def iteration(step: int) -> dict[str, float]:
                 """PPO iteration `step` (0-based): rollouts, scores, advantages, the update."""
-                times: dict[str, float] = {}
+                times: dict[str, float] = {}  # the phases, one after another: step_seconds is their sum
+                within: dict[str, float] = {}  # the roles' own seconds inside a phase (they overlap)
                 clock = time.perf_counter()
 
                 def lap(name: str) -> None:
@@ -287,17 +290,30 @@ def train(cfg: RunConfig, console, *, resume: bool | None = None):
                 prompts = [prompt_ids[i] for i in picked]
                 samples = policy.split("generate", prompts, sampling, p.sampling.seed * 1_000_003 + step)
                 lap("generate")
-                scores = reward([prompt_texts[i] for i in picked], [s["text"] for s in samples])
-                lap("reward")
+                # Reference, critic and reward model are separate groups: all three score at once,
+                # and a task reward computes here meanwhile. Each ppo/time/{reference, values,
+                # reward} counts from the phase's start until that role's scores were in (a task
+                # reward: its own time); ppo/time/score is the whole phase.
                 items = [{"prompt_ids": q, "completion_ids": s["completion_ids"]}
                          for q, s in zip(prompts, samples, strict=True)]
-                ref_logps = reference.split("score", items)
-                lap("reference")
-                values = critic.split("score", items) if critic is not None else None
-                lap("values")
+                texts = ([prompt_texts[i] for i in picked], [s["text"] for s in samples])
+                calls = {"reference": reference.split_async("score", items)}
+                if critic is not None:
+                    calls["values"] = critic.split_async("score", items)
+                scored = {"values": None}
+                if cfg.reward.source == "model":
+                    calls["reward"] = reward.split_async(*texts)
+                else:
+                    scored["reward"] = reward(*texts)
+                    within["ppo/time/reward"] = time.perf_counter() - clock
+                for name, result in as_completed(calls):
+                    scored[name] = result
+                    within[f"ppo/time/{name}"] = time.perf_counter() - clock
+                lap("score")
                 experience, metrics = make_experience(
-                    p, kl.coef, logps=[s["logprobs"] for s in samples], ref_logps=ref_logps, values=values,
-                    scores=scores, ended=[s["completion_ids"][-1] == eos for s in samples])
+                    p, kl.coef, logps=[s["logprobs"] for s in samples], ref_logps=scored["reference"],
+                    values=scored["values"], scores=scored["reward"],
+                    ended=[s["completion_ids"][-1] == eos for s in samples])
                 experience |= {"prompt_ids": prompts, "completion_ids": [s["completion_ids"] for s in samples]}
                 lap("advantages")
                 shared = ray.put(experience)  # once into the object store, read by every rank of both roles
@@ -307,7 +323,7 @@ def train(cfg: RunConfig, console, *, resume: bool | None = None):
                     updates["critic"] = (critic, critic.call_async("update", shared, plan))
                 for name, (group, refs) in updates.items():
                     per_rank = group.wait(refs, "update")
-                    times[f"ppo/time/{name}_update"] = max(m.pop("seconds") for m in per_rank)
+                    within[f"ppo/time/{name}_update"] = max(m.pop("seconds") for m in per_rank)
                     combined = mean_metrics(per_rank)
                     if name == "policy":
                         metrics |= {f"ppo/{k}": v for k, v in combined.items() if k != "grad_norm"}
@@ -318,8 +334,8 @@ def train(cfg: RunConfig, console, *, resume: bool | None = None):
                 kl.update(metrics["ppo/kl"], b.rollout)
                 state["kl_controller"] = kl.state_dict()
                 tokens = sum(len(s["completion_ids"]) for s in samples)
-                return metrics | times | {"loss": metrics["ppo/policy_loss"], "tokens": float(tokens),
-                                          "step_seconds": sum(v for k, v in times.items() if "_update" not in k)}
+                return metrics | times | within | {"loss": metrics["ppo/policy_loss"], "tokens": float(tokens),
+                                                   "step_seconds": sum(times.values())}
 
             def steps(first: int, count: int) -> list[dict[str, float]]:
                 return [iteration(step) for step in range(first, first + count)]

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from prefopt.config import RunConfig
+from prefopt.storage import sibling
 
 _SHOWN = 10  # shards failing verification reported one line each; the rest in one line
 
@@ -19,7 +20,7 @@ _SHOWN = 10  # shards failing verification reported one line each; the rest in o
 def cache_root(cfg: RunConfig) -> str:
     if cfg.ref.cache_dir is not None:
         return cfg.ref.cache_dir
-    return str(Path(cfg.output_dir).expanduser().resolve().parent / "refcache")
+    return sibling(cfg.output_dir, "refcache")  # beside output_dir: shared by every run of a project
 
 
 def cache_parts(cfg: RunConfig, model_dir: Path, tokenizer, data) -> dict[str, str]:

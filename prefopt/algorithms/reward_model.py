@@ -13,10 +13,10 @@ model's ...ForSequenceClassification, which plain transformers loads.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 from prefopt.algorithms import stages
 from prefopt.config import RunConfig
+from prefopt.storage import local_dir_for
 
 
 def train(cfg: RunConfig, console, *, resume: bool | None = None):
@@ -40,7 +40,7 @@ def train(cfg: RunConfig, console, *, resume: bool | None = None):
         tracker.log_data_input(inputs.data)
         t0 = time.perf_counter()
         group, infos = stages.start_policy(cfg, inputs, run, console, worker_cls=RewardModelWorker,
-                                           heldout_path=str(heldout.path) if heldout else None)
+                                           heldout_path=stages.data_for_ranks(cfg, heldout) if heldout else None)
         timings = {"startup_seconds": time.perf_counter() - t0}
         try:
             evaluate = (lambda step: _evaluate(group, heldout, step, tracker, console)) if heldout else None
@@ -66,7 +66,7 @@ def _heldout(cfg: RunConfig, inputs, console):
               else {"split": "test", "num_examples": cfg.eval.num_prompts})
     held_cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update=update)})
     with console.status("reading, validating and tokenizing the held-out pairs"):
-        heldout = prepare(held_cfg, inputs.tokenizer, Path(cfg.output_dir) / "heldout")
+        heldout = prepare(held_cfg, inputs.tokenizer, local_dir_for(cfg.output_dir) / "heldout")
     console.print(f"held-out pairs: {heldout.report.summary()}")
     return heldout
 

@@ -20,12 +20,12 @@ A controller (prefopt.algorithms.offline, reward_model, ppo; ReST next) is a loo
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from prefopt.config import RunConfig
 from prefopt.errors import DIVERGED, UserError
+from prefopt.storage import Store, is_remote, local_dir_for, localize, publish
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
@@ -34,10 +34,28 @@ METRICS_FILE = "metrics.jsonl"
 
 @dataclass
 class Run:
-    """A run's directory and what it resumes from (checkpoint None: a fresh start)."""
+    """A run's directory and what it resumes from (checkpoint None: a fresh start).
 
-    output_dir: Path
+    `store` is output_dir wherever it lives (a local path, s3://, gs://, ...: prefopt.storage);
+    the checkpoints, the export and config.yaml go there. `local_dir` is where this process
+    writes metrics.jsonl as it goes: output_dir itself when local, else a folder of this machine
+    whose log is copied to the store before each checkpoint's state file."""
+
+    store: Store
+    local_dir: Path
     checkpoint: tuple[str, dict] | None  # (tag, state) of the newest complete checkpoint
+
+    @property
+    def output_dir(self) -> str:
+        return self.store.uri
+
+    def checkpoint_dir(self, tag: str) -> Store:
+        return self.store / CHECKPOINTS / tag
+
+    def sync_log(self) -> None:
+        """The log up to now onto the store (a local output_dir holds it already)."""
+        if not self.store.is_local:
+            (self.store / METRICS_FILE).write_bytes((self.local_dir / METRICS_FILE).read_bytes())
 
     @property
     def start_step(self) -> int:
@@ -53,64 +71,112 @@ class Run:
             return
         tag, state = self.checkpoint
         if state.get("data_fingerprint") not in (None, data.fingerprint):
-            raise PreflightError(f"{self.output_dir / CHECKPOINTS / tag}: the checkpoint was trained on other "
+            raise PreflightError(f"{self.checkpoint_dir(tag)}: the checkpoint was trained on other "
                              f"data (fingerprint {state['data_fingerprint'][:16]}, now {data.fingerprint[:16]}); "
                              "use --fresh or another output_dir")
 
 
-def latest_checkpoint(output_dir: Path) -> tuple[str, dict] | None:
-    """The newest complete checkpoint (one with a state file), ignoring any half-written one."""
-    complete = []
-    for state_file in (output_dir / CHECKPOINTS).glob(f"step*/{STATE_FILE}"):
-        state = json.loads(state_file.read_text())
-        complete.append((state["step"], state_file.parent.name, state))
-    if not complete:
-        return None
-    _, tag, state = max(complete)
-    return tag, state
+def complete_checkpoints(store: Store) -> list[tuple[int, str, dict]]:
+    """(step, tag, state) of every complete checkpoint (one with a state file, written last), by step."""
+    found = []
+    for tag in (store / CHECKPOINTS).children():
+        state_file = store / CHECKPOINTS / tag / STATE_FILE
+        if tag.startswith("step") and state_file.is_file():
+            state = json.loads(state_file.read_text())
+            found.append((state["step"], tag, state))
+    return sorted(found)
+
+
+def latest_checkpoint(store: Store) -> tuple[str, dict] | None:
+    """The newest complete checkpoint, ignoring any half-written one."""
+    complete = complete_checkpoints(store)
+    return (complete[-1][1], complete[-1][2]) if complete else None
 
 
 def open_run(cfg: RunConfig, resume: bool | None) -> Run:
     """resume: None = resume when a checkpoint exists; True = must resume; False = start over."""
-    output_dir = Path(cfg.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint = latest_checkpoint(output_dir)
+    store = Store.at(cfg.output_dir)
+    local_dir = local_dir_for(store.uri)
+    local_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint = latest_checkpoint(store)
     if resume is True and checkpoint is None:
-        raise FileNotFoundError(f"--resume: no checkpoint in {output_dir / CHECKPOINTS}")
+        raise FileNotFoundError(f"--resume: no checkpoint in {store / CHECKPOINTS}")
     if resume is False and checkpoint is not None:
-        shutil.rmtree(output_dir / CHECKPOINTS)
+        (store / CHECKPOINTS).delete()
         checkpoint = None
-    metrics = output_dir / METRICS_FILE
+    metrics = local_dir / METRICS_FILE
     if checkpoint is None:
         metrics.unlink(missing_ok=True)
-    elif metrics.is_file():  # drop what was logged after the checkpoint: those steps run again
-        kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= checkpoint[1]["step"]]
-        metrics.write_text("".join(line + "\n" for line in kept))
-    (output_dir / "config.yaml").write_text(cfg.to_yaml())
-    return Run(output_dir, checkpoint)
+    else:
+        if not store.is_local:  # the log as of the checkpoint, whatever this machine kept
+            log = store / METRICS_FILE
+            metrics.write_bytes(log.read_bytes() if log.is_file() else b"")
+        if metrics.is_file():  # drop what was logged after the checkpoint: those steps run again
+            kept = [line for line in metrics.read_text().splitlines()
+                    if json.loads(line)["step"] <= checkpoint[1]["step"]]
+            metrics.write_text("".join(line + "\n" for line in kept))
+    (store / "config.yaml").write_text(cfg.to_yaml())
+    return Run(store, local_dir, checkpoint)
 
 
 @dataclass
 class Inputs:
+    """What a run starts from, on this machine, and the addresses its ranks open the same from."""
+
     model_dir: Path  # the starting model (the policy's, and the reference's unless ref.model_path)
     tokenizer: object
     data: object  # prefopt.data.TokenizedData
+    # Set when ranks must open another copy: model.path's own URI, or the copies on an
+    # object-store output_dir of what this machine made (tokenized data, the tiny model).
+    model_for_ranks: str | None = None
+    data_for_ranks: str | None = None
 
     def reference_dir(self, cfg: RunConfig) -> Path:
-        return Path(cfg.ref.model_path) if cfg.ref.model_path else self.model_dir
+        return localize(cfg.ref.model_path) if cfg.ref.model_path else self.model_dir
+
+    def rank_model_dir(self) -> str:
+        return self.model_for_ranks or str(self.model_dir)
+
+    def rank_data_path(self) -> str:
+        return self.data_for_ranks or str(self.data.path)
+
+    def rank_reference_dir(self, cfg: RunConfig) -> str:
+        return cfg.ref.model_path or self.rank_model_dir()
 
 
 def prepare_inputs(cfg: RunConfig, console) -> Inputs:
-    """The opening of every run: model, tokenizer, and the data read, validated and tokenized."""
+    """The opening of every run: model, tokenizer, and the data read, validated and tokenized.
+
+    With output_dir on an object store, what this machine made is uploaded there once, so
+    that ranks on other nodes open it from the store (prefopt.storage)."""
+    import hashlib
+
     from prefopt.data import prepare
     from prefopt.models import model_and_tokenizer
 
+    work = local_dir_for(cfg.output_dir)
     with console.status("model and tokenizer"):
-        model_dir, tokenizer = model_and_tokenizer(cfg.model, cfg.output_dir)
+        model_dir, tokenizer = model_and_tokenizer(cfg.model, work)
     with console.status("reading, validating and tokenizing the data"):
-        data = prepare(cfg, tokenizer, Path(cfg.output_dir) / "data")
+        data = prepare(cfg, tokenizer, work / "data")
     console.print(f"data: {data.report.summary()}  [dim]fingerprint {data.fingerprint[:16]}[/]")
-    return Inputs(model_dir, tokenizer, data)
+    inputs = Inputs(model_dir, tokenizer, data, model_for_ranks=cfg.model.path if is_remote(cfg.model.path or "") else None)
+    if is_remote(cfg.output_dir):
+        store = Store.at(cfg.output_dir)
+        with console.status(f"copying the tokenized data to {store.uri}"):
+            inputs.data_for_ranks = data_for_ranks(cfg, data)
+            if cfg.model.path is None:  # the tiny model, named by the config it was built from
+                built_from = hashlib.sha256((model_dir / "prefopt_tiny.json").read_bytes()).hexdigest()[:16]
+                inputs.model_for_ranks = publish(model_dir, store / f"tiny-model-{built_from}")
+    return inputs
+
+
+def data_for_ranks(cfg: RunConfig, data) -> str:
+    """Where ranks open tokenized data this machine wrote: its path, or its copy on an
+    object-store output_dir (uploaded once; named by its fingerprint)."""
+    if not is_remote(cfg.output_dir):
+        return str(data.path)
+    return publish(data.path, Store.at(cfg.output_dir) / "data" / data.path.name)
 
 
 class PreflightError(UserError, ValueError):
@@ -137,8 +203,10 @@ def preflight(cfg: RunConfig, console, *, with_reference: bool, tracking: bool =
     critic_path = cfg.critic.model_path if "critic" in more else None
     for field, path in (("model.path", cfg.model.path), ("ref.model_path", cfg.ref.model_path),
                         ("critic.model_path", critic_path)):
-        if path is not None and not (Path(path) / "config.json").is_file():
+        if path is not None and not (Store.at(path) / "config.json").is_file():
             raise PreflightError(f"{field}: {path} is not a Hugging Face model directory (no config.json)")
+    if is_remote(cfg.output_dir):
+        check_writable(Store.at(cfg.output_dir), "output_dir")
     if cfg.data.path is not None and not Path(cfg.data.path).exists() and "://" not in cfg.data.path:
         raise PreflightError(f"data.path: {cfg.data.path} does not exist")
     roles = _roles(cfg, with_reference, more)
@@ -175,6 +243,18 @@ def preflight(cfg: RunConfig, console, *, with_reference: bool, tracking: bool =
                           "policy.num_workers or policy.cpus_per_worker)")
 
 
+def check_writable(store: Store, field: str) -> None:
+    """A store a run will write to takes a small file and gives it back, or the run stops here."""
+    import uuid
+
+    probe = store / f".prefopt-probe-{uuid.uuid4().hex}"
+    try:
+        probe.write_text("probe")
+        probe.delete()
+    except OSError as exc:
+        raise PreflightError(f"{field}: cannot write to {store.uri}: {str(exc).splitlines()[0]}") from None
+
+
 def connect(cfg: RunConfig, with_reference: bool, more: tuple[str, ...] = ()) -> None:
     """Start a local Ray or join cluster.address; a remote cluster is checked against the roles."""
     from prefopt.cluster.ray_setup import connect as ray_connect
@@ -196,7 +276,7 @@ def start_reference(cfg: RunConfig, inputs: Inputs, console):
         group = WorkerGroup(ReferenceWorker, cfg.reference, cfg.cluster, name="reference", key="ref",
                             init_args=(cfg.model_dump_json(),))
         try:
-            group.call("setup", str(inputs.reference_dir(cfg)), str(inputs.data.path))
+            group.call("setup", inputs.rank_reference_dir(cfg), inputs.rank_data_path())
         except BaseException:
             group.shutdown()
             raise
@@ -219,7 +299,7 @@ def start_policy(cfg: RunConfig, inputs: Inputs, run: Run, console, *, ref_cache
         if worker_cls is PolicyWorker:
             live = reference.actors if reference is not None and cfg.ref.mode == "live" else None
             setup_kwargs |= {"ref_cache": ref_cache, "ref_actors": live}
-        infos = group.call("setup", str(inputs.model_dir), str(inputs.data.path), **setup_kwargs)
+        infos = group.call("setup", inputs.rank_model_dir(), inputs.rank_data_path(), **setup_kwargs)
         stage = infos[0]["zero_stage"]
         asked = cfg.policy.deepspeed.zero_stage
         why = "" if stage == asked else f" ({asked} asked: one rank has nothing to partition)"
@@ -228,7 +308,7 @@ def start_policy(cfg: RunConfig, inputs: Inputs, run: Run, console, *, ref_cache
         if run.checkpoint is not None:
             tag, _ = run.checkpoint
             group.call("load_checkpoint", *checkpoint_location(run, run.start_step))
-            console.print(f"resumed from {run.output_dir / CHECKPOINTS / tag} at step {run.start_step}")
+            console.print(f"resumed from {run.checkpoint_dir(tag)} at step {run.start_step}")
     except BaseException:
         group.shutdown()
         raise
@@ -291,7 +371,7 @@ class HealthGuard:
 
     def _stop(self, step: int, since: int, what: str) -> None:
         good = [(s, tag) for s, tag in self._checkpoints() if s < since]
-        last = (f"the last good checkpoint is {self.run.output_dir / CHECKPOINTS / good[-1][1]} (step {good[-1][0]}): "
+        last = (f"the last good checkpoint is {self.run.checkpoint_dir(good[-1][1])} (step {good[-1][0]}): "
                 "lower train.lr or set policy.deepspeed.gradient_clipping, then train again with --resume"
                 if good else "no checkpoint was saved before it: lower train.lr or set "
                 "policy.deepspeed.gradient_clipping and start again")
@@ -299,10 +379,7 @@ class HealthGuard:
                                "(train.health.enabled: false turns the guard off)")
 
     def _checkpoints(self) -> list[tuple[int, str]]:
-        found = []
-        for state_file in (self.run.output_dir / CHECKPOINTS).glob(f"step*/{STATE_FILE}"):
-            found.append((json.loads(state_file.read_text())["step"], state_file.parent.name))
-        return sorted(found)
+        return [(step, tag) for step, tag, _ in complete_checkpoints(self.run.store)]
 
 
 def run_steps(cfg: RunConfig, steps, save, run: Run, tracker, console, state: dict, evaluate=None,
@@ -330,7 +407,7 @@ def run_steps(cfg: RunConfig, steps, save, run: Run, tracker, console, state: di
         evaluate(0)
     columns = [TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                TextColumn("{task.fields[info]}")]
-    with Progress(*columns, console=console) as progress, (run.output_dir / METRICS_FILE).open("a") as log_file:
+    with Progress(*columns, console=console) as progress, (run.local_dir / METRICS_FILE).open("a") as log_file:
         bar = progress.add_task("train", total=t.max_steps, completed=run.start_step, info="")
         for first, count in intervals(run.start_step, t.max_steps, [t.log_steps, t.save_steps, eval_every]):
             t0 = time.perf_counter()
@@ -380,8 +457,8 @@ def combine_ranks(per_rank: list[dict[str, float]]) -> dict[str, float]:
 def checkpoint_location(run: Run, step: int, part: str | None = None) -> tuple[str, str]:
     """(directory, tag) of a group's checkpoint: the policy's is checkpoints/step<N>; another
     model of the same run (PPO's critic) saves its `part` inside it, checkpoints/step<N>/<part>."""
-    directory, tag = run.output_dir / CHECKPOINTS, f"step{step}"
-    return (str(directory), tag) if part is None else (str(directory / tag), part)
+    directory, tag = run.store / CHECKPOINTS, f"step{step}"
+    return (directory.uri, tag) if part is None else ((directory / tag).uri, part)
 
 
 def save_ranks(group, run: Run, step: int, part: str | None = None) -> None:
@@ -394,14 +471,17 @@ def saver(group, run: Run):
 
 
 def write_state(run: Run, step: int, state: dict) -> None:
-    # Written after every rank of every group has saved: a state file means the checkpoint is complete.
-    path = run.output_dir / CHECKPOINTS / f"step{step}" / STATE_FILE
-    path.write_text(json.dumps({"step": step, **state}))
+    # Written after every rank of every group has saved, and after the log: a state file means
+    # the checkpoint is complete.
+    run.sync_log()
+    (run.checkpoint_dir(f"step{step}") / STATE_FILE).write_text(json.dumps({"step": step, **state}))
 
 
-def export(group, run: Run, console) -> Path:
-    export_dir = run.output_dir / "model"
+def export(group, run: Run, console) -> str:
+    """The policy as a plain Hugging Face directory, output_dir/model. -> its path or URI."""
+    export_dir = run.store / "model"
     with console.status("exporting the policy"):
-        group.call("export", str(export_dir))
+        group.call("export", export_dir.uri)
+    run.sync_log()
     console.print(f"exported policy to [bold]{export_dir}[/]")
-    return export_dir
+    return export_dir.uri

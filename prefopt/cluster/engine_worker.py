@@ -146,6 +146,9 @@ class EngineWorker:
         if cfg.model.dtype == "bfloat16" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
             raise UserError(f"model.dtype: bfloat16 is not supported by {torch.cuda.get_device_name()} "
                             "(it needs compute capability 8.0 or newer); use float16 or float32")
+        from prefopt.storage import localize
+
+        model_dir = str(localize(model_dir))  # a store's URI: downloaded once per node
         torch.manual_seed(cfg.train.seed)
         t = cfg.train.model_copy(update=schedule or {})
         ds_config = deepspeed_config(self.role, dtype=cfg.model.dtype, world_size=self.world_size,
@@ -230,7 +233,7 @@ class EngineWorker:
         was_training = self.model.training
         self.model.eval()
         try:
-            step = self.role.micro_batch_size
+            step = self.role.score_batch  # no backward: may be more rows than a training micro-batch
             out: list[list[float]] = []
             for s in range(0, len(samples), step):
                 part = samples[s : s + step]
@@ -254,15 +257,22 @@ class EngineWorker:
     # ------------------------------------------------------------------ checkpoints and export
 
     def save_checkpoint(self, directory: str, tag: str, client_state: dict) -> None:
-        self.engine.save_checkpoint(directory, tag=tag, client_state=client_state)
-        rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state()
-        torch.save(rng, Path(directory) / tag / f"rng_rank{self.rank}.pt")
+        """Save this rank's part of checkpoint `directory/tag` (a local path or a store's URI)."""
+        from prefopt.storage import saving_to
+
+        with saving_to(directory, tag) as local:
+            self.engine.save_checkpoint(local, tag=tag, client_state=client_state)
+            rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+            if torch.cuda.is_available():
+                rng["cuda"] = torch.cuda.get_rng_state()
+            torch.save(rng, Path(local) / tag / f"rng_rank{self.rank}.pt")
 
     def load_checkpoint(self, directory: str, tag: str) -> dict:
-        _, client_state = self.engine.load_checkpoint(directory, tag=tag)
-        rng = torch.load(Path(directory) / tag / f"rng_rank{self.rank}.pt", weights_only=False)
+        from prefopt.storage import loading_from
+
+        with loading_from(directory, tag, self.rank) as local:
+            _, client_state = self.engine.load_checkpoint(local, tag=tag)
+            rng = torch.load(Path(local) / tag / f"rng_rank{self.rank}.pt", weights_only=False)
         random.setstate(rng["python"])
         np.random.set_state(rng["numpy"])
         torch.set_rng_state(rng["torch"])
@@ -277,5 +287,8 @@ class EngineWorker:
         else:
             state_dict = self.model.state_dict()
         if self.rank == 0:
-            self.model.save_pretrained(out_dir, state_dict=state_dict)
-            self.tokenizer.save_pretrained(out_dir)
+            from prefopt.storage import writing_dir
+
+            with writing_dir(out_dir) as local:
+                self.model.save_pretrained(local, state_dict=state_dict)
+                self.tokenizer.save_pretrained(local)

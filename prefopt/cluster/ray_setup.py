@@ -16,7 +16,10 @@ def connect(cluster: ClusterConfig, roles: list[RoleConfig]) -> None:
 
     if ray.is_initialized():
         return
-    env = {k: os.environ[k] for k in WORKER_ENV if k in os.environ}
+    from prefopt.storage import store_env
+
+    # The object store's credentials too: every rank saves and resumes there when output_dir is one.
+    env = {k: os.environ[k] for k in WORKER_ENV if k in os.environ} | store_env(os.environ)
     if not any(role.gpus_per_worker for role in roles):
         env.setdefault("DS_ACCELERATOR", "cpu")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")

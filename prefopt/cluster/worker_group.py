@@ -8,6 +8,9 @@ two ways (verl's dispatch modes, written once here):
     group.split("generate", prompts, s)    items split into equal contiguous chunks, one per
                                            rank -> the per-item results, in item order
 
+Both have a non-blocking twin (`call_async`, `split_async`), so that several groups compute at
+the same time; `as_completed` collects split calls of several groups as each group finishes.
+
 Rank 0 chooses the rendezvous address; every rank then sets the torch.distributed environment
 and calls deepspeed.init_distributed (gloo on CPU, NCCL on GPUs). The group checks the cluster
 can hold it before asking Ray for anything, so an impossible request fails in a second.
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import math
 import socket
+from collections.abc import Iterator
 from typing import Any
 
 from prefopt.config import ClusterConfig, RoleConfig
@@ -171,15 +175,18 @@ class WorkerGroup:
         Every rank gets the same number of items (the last chunk is padded by repeating the last
         item, and those results are dropped): ZeRO-3 ranks must run the same forwards together.
         """
+        return self.split_async(method, items, *args, **kwargs).wait()
+
+    def split_async(self, method: str, items: list, *args: Any, **kwargs: Any) -> SplitCall:
+        """As `split`, without waiting: the call in flight, whose `wait()` gives the results."""
         if not items:
-            return []
+            return SplitCall(self, method, [], 0)  # nothing to send
         per = math.ceil(len(items) / self.size)
         padded = list(items) + [items[-1]] * (per * self.size - len(items))
         chunks = [padded[r * per : (r + 1) * per] for r in range(self.size)]
         refs = [getattr(actor, method).remote(chunk, *args, **kwargs)
                 for actor, chunk in zip(self.actors, chunks, strict=True)]
-        results = self.wait(refs, method)
-        return [item for chunk in results for item in chunk][: len(items)]
+        return SplitCall(self, method, refs, len(items))
 
     def shutdown(self) -> None:
         import ray
@@ -187,3 +194,38 @@ class WorkerGroup:
         for actor in self.actors:
             ray.kill(actor)
         ray.util.remove_placement_group(self.placement_group)
+
+
+class SplitCall:
+    """A `WorkerGroup.split` in flight: one Ray object ref per rank, `count` items in all."""
+
+    def __init__(self, group: WorkerGroup, method: str, refs: list, count: int):
+        self.group, self.method, self.refs, self.count = group, method, refs, count
+
+    def wait(self) -> list:
+        """The per-item results, in item order (the padding's dropped); a failed rank raises as in
+        WorkerGroup.wait."""
+        chunks = self.group.wait(self.refs, self.method)
+        return [item for chunk in chunks for item in chunk][: self.count]
+
+
+def as_completed(calls: dict[str, SplitCall]) -> Iterator[tuple[str, list]]:
+    """(name, results) of split calls in flight together (on different groups), each as soon as
+    its group is done.
+
+    It waits for the first rank of any call, then for the rest of that call's group: a group's
+    ranks get equal chunks and compute together, so they end together, and a failed rank is
+    raised at once, by WorkerGroup.wait, while the other groups are still running.
+    """
+    import ray
+
+    for name, call in calls.items():
+        if not call.refs:  # no items were sent
+            yield name, call.wait()
+    owner = {ref: name for name, call in calls.items() for ref in call.refs}
+    pending = list(owner)
+    while pending:
+        [ref], pending = ray.wait(pending, num_returns=1)
+        name = owner[ref]
+        yield name, calls[name].wait()
+        pending = [r for r in pending if owner[r] != name]

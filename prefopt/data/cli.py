@@ -33,9 +33,10 @@ def validate(
 
     cfg = resolve(config, set_)
     from prefopt.models import model_and_tokenizer
+    from prefopt.storage import local_dir_for
 
     with console.status("loading the tokenizer"):
-        _, tokenizer = model_and_tokenizer(cfg.model, cfg.output_dir)
+        _, tokenizer = model_and_tokenizer(cfg.model, local_dir_for(cfg.output_dir))
     try:
         with console.status("reading, validating and tokenizing"):
             checked = check(cfg, tokenizer)

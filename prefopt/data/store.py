@@ -55,6 +55,7 @@ class TokenizedData:
     pad_token_id: int
     eos_token_id: int
     _table: pa.Table | None = field(default=None, repr=False)
+    source: str | None = field(default=None, repr=False)  # the store's URI it was opened from, if not local
 
     def __len__(self) -> int:
         return self.num_rows
@@ -89,16 +90,20 @@ class TokenizedData:
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> TokenizedData:
-        path = Path(path)
+        """From a local path, or a store's URI (downloaded once per node: see prefopt.storage)."""
+        from prefopt.storage import is_remote, localize
+
+        source = str(path) if is_remote(path) else None
+        path = localize(path)
         manifest_file = path / MANIFEST
         if not manifest_file.is_file():
             raise FileNotFoundError(f"{path}: not tokenized data (no {MANIFEST}); run prefopt.data.prepare")
         m = json.loads(manifest_file.read_text())
         return cls(path, m["fingerprint"], m["format"], m["num_rows"], DataReport.from_dict(m["report"]),
-                   m["max_length"], m["max_prompt_length"], m["pad_token_id"], m["eos_token_id"])
+                   m["max_length"], m["max_prompt_length"], m["pad_token_id"], m["eos_token_id"], source=source)
 
     def __reduce__(self):
-        return (TokenizedData.open, (str(self.path),))
+        return (TokenizedData.open, (self.source or str(self.path),))
 
 
 def write(out_dir: Path, table: pa.Table, manifest: dict) -> Path:

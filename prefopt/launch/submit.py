@@ -51,9 +51,6 @@ TRACKING_ENV = "MLFLOW_TRACKING_URI"
 # Passed to the job when set here: MLflow's credentials and S3-style artifact stores.
 CREDENTIAL_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
                   "MLFLOW_TRACKING_INSECURE_TLS", "MLFLOW_S3_ENDPOINT_URL")
-# AWS_* variables that name files on this machine mean nothing on the cluster.
-AWS_LOCAL_FILES = ("AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_WEB_IDENTITY_TOKEN_FILE",
-                   "AWS_CA_BUNDLE")
 # Left out of the uploaded code (gitignore patterns; .gitignore and .rayignore are honoured too).
 EXCLUDES = (".git", ".venv", "venv", "__pycache__", "runs/", "mlruns/", "mlartifacts/", "*.db",
             ".pytest_cache/", ".ruff_cache/", ".mypy_cache/", "*.egg-info/", "build/", "dist/")
@@ -446,9 +443,9 @@ def job_env(cfg: RunConfig, environ: Mapping[str, str], extra: dict[str, str]) -
     for key in CREDENTIAL_ENV:
         if environ.get(key):
             env[key] = environ[key]
-    for key, value in environ.items():
-        if key.startswith("AWS_") and key not in AWS_LOCAL_FILES and value:
-            env[key] = value
+    from prefopt.storage import store_env
+
+    env.update(store_env(environ))  # output_dir or the RefCache on an object store
     if not any(role.gpus_per_worker for _, _, role in roles_of(cfg)):
         env["DS_ACCELERATOR"] = "cpu"
     # The driver's ray.init adds worker variables (prefopt.cluster.ray_setup) that may repeat the

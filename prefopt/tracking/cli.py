@@ -84,7 +84,10 @@ def compare_cmd(
     from prefopt.tracking.report import display_rows, fmt, headers
 
     cfg, uri, name = _context(config, set_, tracking_uri, experiment)
-    out_dir = out or default_store_dir(cfg.output_dir) / "compare" / slug(name)
+    from prefopt.storage import is_remote
+
+    # Beside the default store; an output_dir on an object store has none: the working directory.
+    out_dir = out or (Path(".") if is_remote(cfg.output_dir) else default_store_dir(cfg.output_dir)) / "compare" / slug(name)
     try:
         with console.status(f"reading runs of {name!r}"):
             result = run_comparison(uri, name, out_dir=out_dir, x=x, y=y, at_kl=at_kl)

@@ -50,6 +50,12 @@ def resolve_tracking_uri(cfg: RunConfig) -> str:
         return _absolute_sqlite(cfg.tracking.uri)
     if os.environ.get(ENV_URI):
         return _absolute_sqlite(os.environ[ENV_URI])
+    from prefopt.storage import is_remote
+
+    if is_remote(cfg.output_dir):
+        raise TrackingError(f"output_dir is on an object store ({cfg.output_dir}) and MLflow's default store "
+                            "sits beside a local output_dir: set tracking.uri (an MLflow server, or "
+                            f"sqlite:///path/mlflow.db) or {ENV_URI}")
     return _sqlite_uri(default_store_dir(cfg.output_dir) / STORE_FILE)
 
 

@@ -37,7 +37,7 @@ class ReferenceWorker(EngineWorker):
         """Summed completion log-probs (fp32) of the rows, by role: chosen/rejected or completion/kl."""
         from prefopt.workers.offline_step import reference_logps
 
-        step = self.role.micro_batch_size
+        step = self.role.score_batch
         parts = [reference_logps(self.model, self.data, indices[s : s + step], self.packing)
                  for s in range(0, len(indices), step)]
         return {role: torch.cat([p[role] for p in parts]).numpy() for role in parts[0]}

@@ -42,7 +42,7 @@ class RewardWorker(EngineWorker):
         self.model.eval()
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         out: list[float] = []
-        step = self.role.micro_batch_size
+        step = self.role.score_batch
         for s in range(0, len(items), step):
             part = [self.tokenize(x["prompt"], x["completion"]) for x in items[s : s + step]]
             batch = pad([p for p, _ in part], [c for _, c in part], pad_token_id=pad_id)
@@ -62,7 +62,7 @@ class RewardWorker(EngineWorker):
         self.model.eval()
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         out: list[float] = []
-        step = self.role.micro_batch_size
+        step = self.role.score_batch
         for s in range(0, len(questions), step):
             ids = [tok(q)["input_ids"] for q in questions[s : s + step]]
             # Right padding, read at each row's last token: with left padding the pad positions

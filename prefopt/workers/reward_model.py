@@ -80,7 +80,7 @@ class RewardModelWorker(EngineWorker):
         self.model.eval()
         try:
             out = []
-            step = self.role.micro_batch_size
+            step = self.role.score_batch
             for s in range(0, len(indices), step):
                 chosen, rejected, _ = self.pair_rewards(self.heldout, indices[s : s + step])
                 out += list(zip(chosen.tolist(), rejected.tolist(), strict=True))

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from prefopt.cluster.engine_worker import EngineWorker
-from prefopt.cluster.worker_group import ClusterError, WorkerGroup
+from prefopt.cluster.worker_group import ClusterError, WorkerGroup, as_completed
 from prefopt.config import load_config
 from prefopt.workers.policy import PolicyWorker
 
@@ -86,6 +86,19 @@ def test_split_keeps_item_order_with_uneven_chunks(policy, tiny_tokenizer):
     five = group.split("generate", ids[:5], greedy, 0)  # 3 + 2, the second rank padded with a repeat
     assert [s["completion_ids"] for s in five] == [s["completion_ids"] for s in every[:5]]
     assert group.split("generate", [], greedy, 0) == []
+
+
+def test_split_async_gives_the_same_results_as_split_as_each_call_completes(policy, tiny_tokenizer):
+    group, _ = policy
+    greedy = {"max_new_tokens": 3, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "greedy": True}
+    ids = prompt_ids(tiny_tokenizer)
+    five = group.split("generate", ids[:5], greedy, 0)
+    # Two calls in flight at once (queued on the same ranks here), one of them with no items.
+    calls = {"five": group.split_async("generate", ids[:5], greedy, 0),
+             "none": group.split_async("generate", [], greedy, 0)}
+    got = dict(as_completed(calls))
+    assert got == {"five": five, "none": []}
+    assert group.split_async("generate", ids[:5], greedy, 0).wait() == five
 
 
 def test_a_scalar_head_role_runs_on_the_same_engine_worker(tiny_model_dir, tiny_tokenizer, tmp_path, ray_local):

@@ -56,7 +56,7 @@ def test_ppo_gt_raises_the_task_reward_while_kl_rises(tmp_path, sft_model_dir):
     metrics = read_metrics(tmp_path)
     assert [m["step"] for m in metrics] == list(range(1, 61))
     for name in ("kl", "kl_coef", "clipfrac", "approx_kl", "policy_loss", "value_loss", "explained_variance",
-                 "entropy", "reward", "response_length", "time/generate", "time/reward", "time/reference",
+                 "entropy", "reward", "response_length", "time/generate", "time/score", "time/reward", "time/reference",
                  "time/values", "time/update"):
         assert all(f"ppo/{name}" in m for m in metrics), name
     final = result.final_metrics

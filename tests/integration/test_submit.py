@@ -15,6 +15,7 @@ its working dir, so the upload path runs against the real cluster too.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import secrets
@@ -201,14 +202,67 @@ def tiny_run(tmp_path: Path, model_dir: Path, *more: str) -> list[str]:
 # ----------------------------------------------------------------------------- the tests
 
 
-def test_submit_wait_runs_dpo_on_two_nodes_and_records_it(cluster, tmp_path, tiny_model_dir, capsys):
+@dataclass
+class Submitted:
+    output: str
+    seconds: float
+    store: str  # the run's output_dir, on the S3 test server
+    tracking_uri: str
+
+
+# A run long enough that `job stop` lands between its first checkpoint and its end, with every
+# piece of its state on the object store: the starting model, tokenized data, reference cache,
+# checkpoints, log and export. The uninterrupted run of the resume test, too.
+LONG_RUN = ("policy.num_workers=2", "cluster.placement_strategy=SPREAD", "train.max_steps=40", "train.save_steps=4")
+
+
+def s3_run(tmp_path: Path, bucket: str, name: str, *more: str) -> list[str]:
+    return sets(f"model.path={bucket}/tiny-model", "data.num_examples=32", "eval.every_steps=null",
+                "eval.num_prompts=4", "eval.sampling.max_new_tokens=4", "train.log_steps=1",
+                f"output_dir={bucket}/{name}", f"ref.cache_dir={bucket}/refcache",
+                f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "tracking.experiment=submitted", *more)
+
+
+def cli_env(cluster: LocalCluster, s3) -> dict[str, str]:
+    """The CLI's environment: the cluster's token, and the S3 server's address and credentials
+    (which `prefopt submit` forwards to the job; the nodes themselves know nothing of them)."""
+    return {**{k: v for k, v in cluster.env.items() if k != "RAY_AUTH_MODE"}, **s3.env}
+
+
+@pytest.fixture(scope="module")
+def bucket(s3, tiny_model_dir) -> str:
+    from prefopt.storage import Store
+
+    uri = s3.bucket("prefopt-runs")
+    (Store.at(uri) / "tiny-model").upload(tiny_model_dir)
+    return uri
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(cluster, s3, bucket, tmp_path_factory) -> Submitted:
+    tmp_path = tmp_path_factory.mktemp("uninterrupted")
     done, seconds = prefopt(cluster, "submit", str(TINY_DPO), "--wait", "--no-working-dir",
-                            *tiny_run(tmp_path, tiny_model_dir, "policy.num_workers=2", "train.max_steps=3",
-                                      "cluster.placement_strategy=SPREAD", "tracking.run_name=dpo-$HOME"))
-    with capsys.disabled():
-        print(f"\n  submit --wait of a 3-step DPO run (2 policy ranks): exit {done.returncode} after {seconds:.1f} s")
+                            *s3_run(tmp_path, bucket, "whole", *LONG_RUN, "tracking.run_name=dpo-$HOME"),
+                            env=cli_env(cluster, s3))
     output = done.stdout + done.stderr
     assert done.returncode == 0, output + cluster.logs()
+    return Submitted(output, seconds, f"{bucket}/whole", f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+
+def final_loss(store: str, step: int) -> float:
+    from prefopt.storage import Store
+
+    lines = [json.loads(line) for line in (Store.at(store) / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == list(range(1, step + 1))  # each step logged once, in order
+    return lines[-1]["loss"]
+
+
+def test_submit_wait_runs_dpo_on_two_nodes_with_its_state_on_the_object_store(cluster, uninterrupted, capsys):
+    from prefopt.storage import Store
+
+    with capsys.disabled():
+        print(f"\n  submit --wait of a 40-step DPO run (2 policy ranks, state on S3): {uninterrupted.seconds:.1f} s")
+    output = uninterrupted.output
     job_id = job_id_of(output)
     assert f"job {job_id} SUCCEEDED" in output
     assert "policy: 2 rank(s), ZeRO stage 3" in output  # streamed from the driver
@@ -225,7 +279,7 @@ def test_submit_wait_runs_dpo_on_two_nodes_and_records_it(cluster, tmp_path, tin
     # The run is in the store tracking.uri names, finished, with the config it ran.
     from mlflow import MlflowClient
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}")
+    client = MlflowClient(tracking_uri=uninterrupted.tracking_uri)
     experiment = client.get_experiment_by_name("submitted")
     runs = client.search_runs([experiment.experiment_id])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
@@ -233,7 +287,46 @@ def test_submit_wait_runs_dpo_on_two_nodes_and_records_it(cluster, tmp_path, tin
     params, metrics = runs[0].data.params, runs[0].data.metrics
     assert params["policy.num_workers"] == "2" and params["cluster.address"] == "auto"
     assert "loss" in metrics and "eval/reward" in metrics
-    assert (tmp_path / "run" / "model" / "config.json").is_file()  # the exported policy
+
+    # Checkpoints (every rank's files, the state file last), the log and the export on the store.
+    run = Store.at(uninterrupted.store)
+    assert (run / "checkpoints").children() == [f"step{s}" for s in sorted(range(4, 41, 4), key=str)]
+    files = [name for name, _, _ in (run / "checkpoints" / "step40").files()]
+    for rank in (0, 1):
+        assert f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt" in files and f"rng_rank{rank}.pt" in files
+    assert json.loads((run / "checkpoints" / "step40" / "trainer_state.json").read_text())["step"] == 40
+    assert (run / "model" / "config.json").is_file() and (run / "model" / "model.safetensors").is_file()
+    assert (run / "config.yaml").is_file() and final_loss(uninterrupted.store, 40) > 0
+
+
+def test_a_stopped_job_submitted_again_resumes_from_the_store_to_the_same_loss(cluster, s3, bucket, uninterrupted,
+                                                                              tmp_path, capsys):
+    from prefopt.storage import Store
+
+    config = s3_run(tmp_path, bucket, "stopped", *LONG_RUN)
+    done, _ = prefopt(cluster, "submit", str(TINY_DPO), "--no-working-dir", *config, env=cli_env(cluster, s3))
+    assert done.returncode == 0, done.stdout + done.stderr
+    job_id = job_id_of(done.stdout)
+    checkpoints = Store.at(f"{bucket}/stopped") / "checkpoints"
+    deadline = time.monotonic() + 300
+    while not (checkpoints / "step4" / "trainer_state.json").is_file():
+        status = cluster.get(f"/api/jobs/{job_id}")["status"]
+        assert status in ("PENDING", "RUNNING") and time.monotonic() < deadline, status + cluster.logs()
+        time.sleep(0.2)
+    stopped, _ = prefopt(cluster, "job", "stop", job_id, env=cli_env(cluster, s3))
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    saved = sorted(int(tag[4:]) for tag in checkpoints.children()
+                   if (checkpoints / tag / "trainer_state.json").is_file())
+    assert saved and saved[-1] < 40, f"the job finished before it was stopped: {saved}"
+
+    again, seconds = prefopt(cluster, "submit", str(TINY_DPO), "--wait", "--no-working-dir", *config,
+                             env=cli_env(cluster, s3))
+    output = again.stdout + again.stderr
+    with capsys.disabled():
+        print(f"\n  stopped after step {saved[-1]}; the job submitted again resumed and ended in {seconds:.1f} s")
+    assert again.returncode == 0, output + cluster.logs()
+    assert f"resumed from {bucket}/stopped/checkpoints/step{saved[-1]} at step {saved[-1]}" in output
+    assert final_loss(f"{bucket}/stopped", 40) == pytest.approx(final_loss(uninterrupted.store, 40), abs=1e-5)
 
 
 def test_a_request_no_node_can_hold_fails_at_submission(cluster, tmp_path, tiny_model_dir, capsys):

@@ -156,6 +156,11 @@ def test_rules_across_sections_are_checked_at_load():
     cfg = load_config(TINY, ["policy.cpus_per_worker=2", "policy.micro_batch_size=3", "ref.micro_batch_size=8"])
     assert (cfg.reference.cpus_per_worker, cfg.reference.micro_batch_size) == (2, 8)
     assert cfg.reference.deepspeed.zero_stage == 0  # a frozen copy unless its parameters are offloaded
+    # Scoring batches: a role's own score_batch_size, else its own micro_batch_size (not the policy's).
+    cfg = load_config(TINY, ["policy.micro_batch_size=3", "policy.score_batch_size=16", "ref.micro_batch_size=8",
+                             "critic.score_batch_size=32"])
+    assert (cfg.policy.score_batch, cfg.reference.score_batch, cfg.critic_role.score_batch,
+            cfg.reward_role.score_batch) == (16, 8, 32, 3)
 
 
 def test_loss_params_are_checked_by_the_loss_library():

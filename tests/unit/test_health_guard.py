@@ -7,10 +7,11 @@ import pytest
 
 from prefopt.algorithms.stages import CHECKPOINTS, STATE_FILE, HealthGuard, Run, TrainingDiverged
 from prefopt.config import HealthConfig
+from prefopt.storage import Store
 
 
 def guard(tmp_path, checkpoint=None, **health):
-    return HealthGuard(HealthConfig(**health), Run(tmp_path, checkpoint))
+    return HealthGuard(HealthConfig(**health), Run(Store.at(tmp_path), tmp_path, checkpoint))
 
 
 def feed(g, losses, start=1):

@@ -412,4 +412,5 @@ def test_launch_readme_links_and_config_fields_exist():
             assert (LAUNCH_README.parent / link).exists(), link
     for field in set(re.findall(r"`cluster\.(\w+)`", text)):
         assert field in ClusterConfig.model_fields, f"cluster.{field}"
-    assert "issue 14" in text and "collective_timeout_s" in text
+    # The guide sends a cluster without a shared disk to the object store, and says how long a collective waits.
+    assert "output_dir: s3://" in text and "../docs/storage.md" in text and "collective_timeout_s" in text

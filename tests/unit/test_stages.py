@@ -1,6 +1,7 @@
 """The controller's stages that need no Ray: how steps are cut into calls, runs and resumes."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -34,3 +35,32 @@ def test_resume_picks_the_newest_complete_checkpoint_and_trims_the_metrics(tmp_p
     assert fresh.checkpoint is None and not (tmp_path / CHECKPOINTS).exists()
     with pytest.raises(FileNotFoundError, match="--resume: no checkpoint"):
         open_run(cfg, resume=True)
+
+
+def test_a_run_on_an_object_store_resumes_from_what_the_store_holds(s3, tmp_path, monkeypatch):
+    import os
+
+    from prefopt import storage
+    from prefopt.algorithms.stages import METRICS_FILE, write_state
+    from prefopt.storage import Store
+
+    monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / "cache"))
+    uri = s3.bucket(f"b-{os.urandom(4).hex()}") + "/run"
+    cfg = RunConfig(output_dir=uri)
+    run = open_run(cfg, resume=None)
+    assert run.checkpoint is None and (Store.at(uri) / "config.yaml").read_text() == cfg.to_yaml()
+    assert run.local_dir == storage.local_dir_for(uri) and not Path("s3:").exists()
+    (run.local_dir / METRICS_FILE).write_text("".join(json.dumps({"step": s}) + "\n" for s in range(1, 5)))
+    write_state(run, 4, {"mlflow_run_id": "r"})  # the log goes up before the state file
+    (Store.at(uri) / CHECKPOINTS / "step8").delete()
+    (Store.at(uri) / CHECKPOINTS / "step8" / "rng_rank0.pt").write_text("a half-written checkpoint")
+
+    # Another machine (an empty local dir), later: the checkpoint and the log come from the store.
+    monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / "elsewhere"))
+    again = open_run(cfg, resume=None)
+    assert (again.start_step, again.mlflow_run_id) == (4, "r")
+    assert again.local_dir != run.local_dir
+    assert [json.loads(x)["step"] for x in (again.local_dir / METRICS_FILE).read_text().splitlines()] == [1, 2, 3, 4]
+    assert str(again.checkpoint_dir("step4")) == f"{uri}/{CHECKPOINTS}/step4"
+    fresh = open_run(cfg, resume=False)
+    assert fresh.checkpoint is None and not (Store.at(uri) / CHECKPOINTS).exists()
