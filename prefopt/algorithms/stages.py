@@ -230,13 +230,18 @@ def preflight(cfg: RunConfig, console, *, with_reference: bool, tracking: bool =
                 raise PreflightError(f"{name}: {key}.cpus_per_worker={role.cpus_per_worker:g} but this machine "
                                      f"has {cores} cores; lower {key}.cpus_per_worker")
             check_fits(name, key, role, nodes=[here])
-        # Ranks that compute at the same time: the policy's, a live reference's, PPO's critic (it
-        # updates beside the policy).
-        busy = cfg.policy.num_workers * cfg.policy.cpus_per_worker
-        if with_reference and cfg.ref.mode == "live" and cfg.algorithm.name != "ppo":
-            busy += cfg.reference.num_workers * cfg.reference.cpus_per_worker
-        if "critic" in more:
-            busy += cfg.critic_role.num_workers * cfg.critic_role.cpus_per_worker
+        # Ranks that compute at the same time: the policy's and a live reference's; in PPO the
+        # policy and critic updating together, or the reference, critic and reward scoring together.
+        def cpus(*role_configs) -> float:
+            return sum(role.num_workers * role.cpus_per_worker for role in role_configs)
+
+        busy = cpus(cfg.policy)
+        if cfg.algorithm.name == "ppo":
+            critic = [cfg.critic_role] if "critic" in more else []
+            reward = [cfg.reward_role] if "reward" in more else []
+            busy = max(cpus(cfg.policy, *critic), cpus(cfg.reference, *critic, *reward))
+        elif with_reference and cfg.ref.mode == "live":
+            busy += cpus(cfg.reference)
         if busy > cores:
             console.print(f"[yellow]warning:[/] the ranks that compute together ask for {busy:g} CPUs and this "
                           f"machine has {cores}: they will share cores and each run slower (lower "

@@ -313,13 +313,13 @@ class Tracker:
         With `register_as` (default `tracking.register_model`) the upload also becomes a new
         version of that registered model, which is returned.
         """
+        from prefopt.storage import is_remote, localize
+
+        if not is_remote(path) and not Path(path).is_dir():
+            raise FileNotFoundError(f"cannot log model {path}: not a directory")
         if not self.cfg.tracking.log_model:
             return None
-        from prefopt.storage import localize
-
         path = localize(path)  # an export on an object store: MLflow uploads from a local copy
-        if not path.is_dir():
-            raise FileNotFoundError(f"cannot log model {path}: not a directory")
         self.client.log_artifacts(self.run_id, str(path), MODEL_ARTIFACT)
         name = register_as or self.cfg.tracking.register_model
         if not name:

@@ -104,7 +104,7 @@ def test_reward_accuracy_exceeds_090_on_learnable_pairs(tmp_path, tiny_model_dir
     late = [m["rewards/accuracies"] for m in metrics[-5:]]
     assert sum(late) / len(late) > 0.9, late
     assert metrics[-1]["loss"] < metrics[0]["loss"] - 0.1
-    assert result.model_dir.is_dir()
+    assert Path(result.model_dir).is_dir()
 
 
 def test_two_ranks_equal_one_rank_with_twice_the_micro_batch(tmp_path, tiny_model_dir, synthetic_pairs, ray_local):

@@ -51,5 +51,5 @@ def test_reward_model_on_two_zero3_ranks(tmp_path, tiny_model_dir, ray_local):
     result = train(cfg, Console(file=io.StringIO()))
     # Each rank holds half of the parameters; the export gathers them into one plain model.
     assert len(result.param_bytes) == 2 and result.param_bytes[0] == result.param_bytes[1]
-    config = json.loads((result.model_dir / "config.json").read_text())
+    config = json.loads((Path(result.model_dir) / "config.json").read_text())
     assert config["architectures"] == ["LlamaForSequenceClassification"] and len(config["id2label"]) == 1

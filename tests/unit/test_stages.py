@@ -64,3 +64,29 @@ def test_a_run_on_an_object_store_resumes_from_what_the_store_holds(s3, tmp_path
     assert str(again.checkpoint_dir("step4")) == f"{uri}/{CHECKPOINTS}/step4"
     fresh = open_run(cfg, resume=False)
     assert fresh.checkpoint is None and not (Store.at(uri) / CHECKPOINTS).exists()
+
+
+def test_the_busy_cores_warning_counts_the_roles_that_compute_together(monkeypatch, tmp_path):
+    import io
+    import os
+
+    from rich.console import Console
+
+    from prefopt.algorithms.stages import preflight
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+
+    def warned(more: tuple[str, ...], **tree) -> bool:
+        cfg = RunConfig.model_validate({"output_dir": str(tmp_path / "run"), **tree})
+        out = io.StringIO()
+        preflight(cfg, Console(file=out, width=300), with_reference=True, tracking=False, more=more)
+        return "warning" in out.getvalue()
+
+    ppo = {"algorithm": {"name": "ppo"}, "data": {"task": "imdb_sentiment"}}
+    # Policy + critic update together (2), reference + critic score together (2): fits 2 cores.
+    assert not warned(("critic",), **ppo)
+    # A reward model scores beside the reference and the critic: 3 ranks on 2 cores.
+    assert warned(("critic", "reward"), **ppo, reward={"source": "model", "model_path": str(tmp_path)})
+    # Offline: a live reference computes beside the policy's 2 ranks.
+    assert not warned((), policy={"num_workers": 2}, ref={"mode": "cache"})
+    assert warned((), policy={"num_workers": 2}, ref={"mode": "live"})
