@@ -143,7 +143,9 @@ def read_generated(directory: Path) -> tuple[dict, list[dict[str, list]]]:
 
 def check_reward_model(model_path: str) -> dict:
     """The reward model's config.json; refuses a directory without a one-output scalar head."""
-    config_file = Path(model_path) / "config.json"
+    from prefopt.storage import Store
+
+    config_file = Store.at(model_path) / "config.json"
     if not config_file.is_file():
         raise LabelError(f"reward.model_path: {model_path} is not a Hugging Face model directory (no config.json)")
     config = json.loads(config_file.read_text())
@@ -257,16 +259,10 @@ def reward_role(cfg: RunConfig, console, head: str) -> Iterator:
     """The reward role's ranks (RewardWorker), started and holding reward.model_path with `head`;
     shut down at the end."""
     from prefopt.algorithms import stages
-    from prefopt.cluster.worker_group import WorkerGroup
-    from prefopt.workers.reward import RewardWorker
 
-    role = cfg.reward_role
     stages.connect(cfg, with_reference=False)
-    with console.status(f"starting {role.num_workers} reward worker(s)"):
-        group = WorkerGroup(RewardWorker, role, cfg.cluster, name="reward", key="reward",
-                            init_args=(cfg.model_dump_json(),))
+    group = stages.start_reward(cfg, console, head)
     try:
-        group.call("build", cfg.reward.model_path, train=False, head=head)
         yield group
     finally:
         group.shutdown()

@@ -168,13 +168,7 @@ class ModelReward:
     """A trained reward model on the reward role's ranks, reading text with its own tokenizer."""
 
     def __init__(self, cfg: RunConfig, console):
-        from prefopt.cluster.worker_group import WorkerGroup
-        from prefopt.workers.reward import RewardWorker
-
-        with console.status(f"starting {cfg.reward.num_workers} reward worker(s)"):
-            self.group = WorkerGroup(RewardWorker, cfg.reward_role, cfg.cluster, name="reward", key="reward",
-                                     init_args=(cfg.model_dump_json(),))
-            self.group.call("build", cfg.reward.model_path, train=False, head="scalar")
+        self.group = stages.start_reward(cfg, console)
 
     def split_async(self, prompts: list[str], completions: list[str]):
         """One reward per completion, computing on the ranks: `.wait()` gives them (a SplitCall)."""

@@ -191,6 +191,14 @@ def _roles(cfg: RunConfig, with_reference: bool, more: tuple[str, ...] = ()) -> 
                   for m in more]
 
 
+def alive_together(cfg: RunConfig, roles: list[tuple[str, str, object]]) -> list[tuple[str, str, object]]:
+    """The roles whose ranks live at the same time: all of PPO's; in an offline run a reference
+    that only fills the cache (ref.mode cache, no evaluation) is shut down before the policy starts."""
+    if cfg.algorithm.name == "ppo" or cfg.ref.mode == "live" or cfg.data.task is not None:
+        return roles
+    return [r for r in roles if r[0] != "reference"]
+
+
 def preflight(cfg: RunConfig, console, *, with_reference: bool, tracking: bool = True,
               more: tuple[str, ...] = ()) -> None:
     """What can be checked in seconds, before Ray, data or caches: paths that must exist, the
@@ -198,7 +206,7 @@ def preflight(cfg: RunConfig, console, *, with_reference: bool, tracking: bool =
     what the roles ask for (a remote cluster is checked on connect)."""
     import os
 
-    from prefopt.cluster.worker_group import check_fits
+    from prefopt.cluster.worker_group import check_fit_together, check_fits
 
     critic_path = cfg.critic.model_path if "critic" in more else None
     for field, path in (("model.path", cfg.model.path), ("ref.model_path", cfg.ref.model_path),
@@ -230,6 +238,7 @@ def preflight(cfg: RunConfig, console, *, with_reference: bool, tracking: bool =
                 raise PreflightError(f"{name}: {key}.cpus_per_worker={role.cpus_per_worker:g} but this machine "
                                      f"has {cores} cores; lower {key}.cpus_per_worker")
             check_fits(name, key, role, nodes=[here])
+        check_fit_together(alive_together(cfg, roles), nodes=[here])
         # Ranks that compute at the same time: the policy's and a live reference's; in PPO the
         # policy and critic updating together, or the reference, critic and reward scoring together.
         def cpus(*role_configs) -> float:
@@ -263,13 +272,14 @@ def check_writable(store: Store, field: str) -> None:
 def connect(cfg: RunConfig, with_reference: bool, more: tuple[str, ...] = ()) -> None:
     """Start a local Ray or join cluster.address; a remote cluster is checked against the roles."""
     from prefopt.cluster.ray_setup import connect as ray_connect
-    from prefopt.cluster.worker_group import check_fits
+    from prefopt.cluster.worker_group import check_fit_together, check_fits
 
     roles = _roles(cfg, with_reference, more)
     ray_connect(cfg.cluster, [role for _, _, role in roles])
     if cfg.cluster.address is not None:
         for name, key, role in roles:
             check_fits(name, key, role)
+        check_fit_together(alive_together(cfg, roles))
 
 
 def start_reference(cfg: RunConfig, inputs: Inputs, console):
@@ -282,6 +292,23 @@ def start_reference(cfg: RunConfig, inputs: Inputs, console):
                             init_args=(cfg.model_dump_json(),))
         try:
             group.call("setup", inputs.rank_reference_dir(cfg), inputs.rank_data_path())
+        except BaseException:
+            group.shutdown()
+            raise
+    return group
+
+
+def start_reward(cfg: RunConfig, console, head: str = "scalar"):
+    """The reward role: `reward.num_workers` frozen engine workers holding reward.model_path, a
+    scalar head (a reward model) or a causal LM ("lm": a judge)."""
+    from prefopt.cluster.worker_group import WorkerGroup
+    from prefopt.workers.reward import RewardWorker
+
+    with console.status(f"starting {cfg.reward_role.num_workers} reward worker(s)"):
+        group = WorkerGroup(RewardWorker, cfg.reward_role, cfg.cluster, name="reward", key="reward",
+                            init_args=(cfg.model_dump_json(),))
+        try:
+            group.call("build", cfg.reward.model_path, train=False, head=head)
         except BaseException:
             group.shutdown()
             raise

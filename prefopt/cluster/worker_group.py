@@ -75,6 +75,26 @@ def check_fits(name: str, key: str, role: RoleConfig, nodes: list[dict[str, floa
                                f"{key}.num_workers or {field}, or add nodes")
 
 
+def check_fit_together(roles: list[tuple[str, str, RoleConfig]], nodes: list[dict[str, float]] | None = None) -> None:
+    """Fail now when roles that each fit cannot all be held at once (they would wait for one
+    another's resources until cluster.collective_timeout_s): their ranks' CPUs or GPUs add up to
+    more than the whole cluster has. roles: (name, config section, role) of the roles alive at
+    the same time. A total that fits can still fail to pack onto the nodes; Ray's placement
+    then decides (and times out), so this never refuses what could run."""
+    if len(roles) < 2:
+        return
+    nodes = cluster_nodes() if nodes is None else nodes
+    for resource, field in (("CPU", "cpus_per_worker"), ("GPU", "gpus_per_worker")):
+        asked = [(name, key, role.num_workers, bundle_of(role).get(resource, 0.0)) for name, key, role in roles]
+        need = sum(n * amount for _, _, n, amount in asked)
+        have = sum(node.get(resource, 0.0) for node in nodes)
+        if need > have:
+            names = ", ".join(name for name, *_ in asked)
+            terms = " + ".join(f"{n} x {amount:g} ({key})" for _, key, n, amount in asked if amount)
+            raise ClusterError(f"{names} run at the same time and together need {terms} = {need:g} {resource}, the "
+                               f"cluster has {have:g}; lower num_workers or {field} of one of them, or add nodes")
+
+
 class WorkerGroup:
     """`role.num_workers` actors of `actor_cls`, gang-scheduled in one placement group and rendezvoused.
 

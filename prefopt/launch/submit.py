@@ -335,13 +335,16 @@ def roles_of(cfg: RunConfig) -> list[tuple[str, str, RoleConfig]]:
 
 def check_resources(cfg: RunConfig, nodes: list[dict[str, float]], where: str) -> None:
     """Refuse, naming the field and the shortfall, a role that no placement on `nodes` could hold."""
-    from prefopt.cluster.worker_group import ClusterError, check_fits
+    from prefopt.algorithms.stages import alive_together
+    from prefopt.cluster.worker_group import ClusterError, check_fit_together, check_fits
 
-    for name, key, role in roles_of(cfg):
-        try:
+    roles = roles_of(cfg)
+    try:
+        for name, key, role in roles:
             check_fits(name, key, role, nodes=nodes)
-        except ClusterError as exc:
-            raise ClusterError(f"the cluster at {where}: {exc}") from None
+        check_fit_together(alive_together(cfg, roles), nodes=nodes)
+    except ClusterError as exc:
+        raise ClusterError(f"the cluster at {where}: {exc}") from None
 
 
 # ----------------------------------------------------------------------------- the code package

@@ -297,6 +297,27 @@ def test_roles_a_run_starts_and_the_resource_check():
         check_resources(cfg(ref={"gpus_per_worker": 1}), nodes, "http://h:8265")
 
 
+def test_roles_that_each_fit_but_not_together_are_refused_at_once():
+    nodes = [{"CPU": 2.0}, {"CPU": 2.0}]
+    # DPO on the built-in task: the reference stays up beside the policy for the evaluation.
+    with pytest.raises(ClusterError) as err:
+        check_resources(cfg(policy={"num_workers": 3}, ref={"num_workers": 2}), nodes, "http://h:8265")
+    assert str(err.value) == ("the cluster at http://h:8265: policy, reference run at the same time and together "
+                              "need 3 x 1 (policy) + 2 x 1 (ref) = 5 CPU, the cluster has 4; lower num_workers or "
+                              "cpus_per_worker of one of them, or add nodes")
+    # A reference that only fills the cache is gone before the policy starts: no evaluation, no clash.
+    check_resources(cfg(policy={"num_workers": 3}, ref={"num_workers": 2, "mode": "cache"},
+                        data={"task": None, "path": "p.jsonl"}), nodes, "http://h:8265")
+    # PPO keeps every role up; GPUs count the same way.
+    with pytest.raises(ClusterError, match=r"policy, reference, critic run at the same time .* = 5 CPU"):
+        check_resources(cfg(algorithm={"name": "ppo"}, policy={"num_workers": 2}, critic={"num_workers": 2}),
+                        nodes, "http://h:8265")
+    gpus = [{"CPU": 8.0, "GPU": 1.0}, {"CPU": 8.0, "GPU": 1.0}]
+    with pytest.raises(ClusterError, match=r"2 x 1 \(policy\) \+ 1 x 1 \(ref\) = 3 GPU, the cluster has 2"):
+        check_resources(cfg(policy={"num_workers": 2, "gpus_per_worker": 1}, ref={"gpus_per_worker": 1}), gpus,
+                        "http://h:8265")
+
+
 def test_outcomes_and_the_drivers_error_line():
     logs = "loading\nerror: something else\n(worker) error: not at the start\nerror: model.path: /x is not a " \
            "Hugging Face model directory (no config.json)\n"
