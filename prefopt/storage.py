@@ -77,14 +77,17 @@ class Store:
             fs, path = pafs.FileSystem.from_uri(text)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as exc:
             raise StorageError(f"{text}: cannot open this filesystem ({exc})") from None
-        return cls(text.rstrip("/"), fs, path.rstrip("/"))
+        base, query = text.partition("?")[::2]
+        return cls(base.rstrip("/") + (f"?{query}" if query else ""), fs, path.rstrip("/"))
 
     @property
     def is_local(self) -> bool:
         return isinstance(self.fs, pafs.LocalFileSystem)
 
     def __truediv__(self, name: str) -> Store:
-        return Store(f"{self.uri}/{name}", self.fs, f"{self.path}/{name}")
+        # Options in the URI (s3://b/run?endpoint_override=...&scheme=http) stay at its end.
+        base, query = self.uri.partition("?")[::2]
+        return Store(f"{base}/{name}" + (f"?{query}" if query else ""), self.fs, f"{self.path}/{name}")
 
     def __str__(self) -> str:
         return self.uri
@@ -182,7 +185,8 @@ class Store:
 def sibling(where: str | os.PathLike, name: str) -> str:
     """`name` beside `where` (in its parent directory), as a local path or a URI."""
     if is_remote(where):
-        return f"{str(where).rstrip('/').rsplit('/', 1)[0]}/{name}"
+        base, query = str(where).partition("?")[::2]
+        return f"{base.rstrip('/').rsplit('/', 1)[0]}/{name}" + (f"?{query}" if query else "")
     return str(Path(where).expanduser().resolve().parent / name)
 
 
@@ -282,11 +286,12 @@ def writing_dir(where: str) -> Iterator[Path]:
 def local_dir_for(where: str | os.PathLike) -> Path:
     """Where this machine keeps its own files of a run whose output_dir is `where` (its log, the
     data it tokenized, the tiny model it built): `where` itself when local, else a folder named
-    after it under the cache, kept between runs so that a resumed run tokenizes nothing again."""
+    after it under the cache, kept between runs (the tiny model is built once per machine)."""
     if not is_remote(where):
         return Path(where)
-    uri = str(where).rstrip("/")
-    return cache_root() / "runs" / f"{uri.rsplit('/', 1)[-1]}-{hashlib.sha256(uri.encode()).hexdigest()[:16]}"
+    base, query = str(where).partition("?")[::2]
+    key = hashlib.sha256((base.rstrip("/") + query).encode()).hexdigest()[:16]
+    return cache_root() / "runs" / f"{base.rstrip('/').rsplit('/', 1)[-1]}-{key}"
 
 
 def local_output(chosen: str | None, output_dir: str, default_name: str, field: str) -> Path:

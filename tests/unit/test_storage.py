@@ -134,3 +134,19 @@ def test_an_unreachable_store_is_one_line_naming_it_and_what_to_set(monkeypatch)
         Store.at("s3://bucket/run").children()
     message = str(err.value)
     assert message.startswith("s3://bucket/run: ") and "AWS_ENDPOINT_URL" in message and "\n" not in message
+
+
+def test_options_written_in_the_uri_stay_at_its_end(s3, tmp_path, monkeypatch):
+    # pyarrow's own way to name an endpoint, without AWS_ENDPOINT_URL: every derived address keeps it.
+    bucket = s3.bucket(f"b-{os.urandom(4).hex()}")
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / "cache"))
+    host = s3.endpoint.removeprefix("http://")
+    run = Store.at(f"{bucket}/run/?endpoint_override={host}&scheme=http")
+    state = run / "checkpoints" / "step1" / "trainer_state.json"
+    assert state.uri == f"{bucket}/run/checkpoints/step1/trainer_state.json?endpoint_override={host}&scheme=http"
+    state.write_text("{}")
+    assert Store.at(state.uri).read_text() == "{}"  # what a rank re-opens from the address alone
+    assert storage.sibling(run.uri, "refcache") == f"{bucket}/refcache?endpoint_override={host}&scheme=http"
+    assert storage.local_dir_for(run.uri).name.startswith("run-")
+    assert (storage.localize((run / "checkpoints").uri) / "step1" / "trainer_state.json").read_text() == "{}"
