@@ -458,10 +458,14 @@ def run_steps(cfg: RunConfig, steps, save, run: Run, tracker, console, state: di
             acc = metrics.get("rewards/accuracies", metrics.get("rm/accuracy"))
             info = f"loss {metrics['loss']:.4f}" + (f"  acc {acc:.2f}" if acc is not None else "")
             info += f"  reward {metrics['ppo/reward']:.3f}  kl {metrics['ppo/kl']:.2f}" if "ppo/reward" in metrics else ""
-            progress.update(bar, completed=done, info=info + f"  {metrics['tokens_per_second']:.0f} tok/s")
+            info += f"  {metrics['tokens_per_second']:.0f} tok/s"
+            progress.update(bar, completed=done, info=info)
             if done % t.save_steps == 0 or done == t.max_steps:
+                # An 8B checkpoint going up to an object store takes minutes: say what is happening.
+                progress.update(bar, info=f"{info}  [dim]saving {run.checkpoint_dir(f'step{done}')}[/]")
                 save(done)
                 write_state(run, done, state)
+                progress.update(bar, info=info)
             if evaluate is not None and ((eval_every and done % eval_every == 0) or done == t.max_steps):
                 metrics |= evaluate(done)
     return metrics
