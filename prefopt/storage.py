@@ -108,9 +108,13 @@ class Store:
         except FileNotFoundError:
             raise
         except OSError as exc:
-            raise StorageError(f"{self.uri}: {str(exc).splitlines()[0]} (credentials and endpoint come from "
-                               "the environment: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, ...)"
-                               ) from None
+            first = str(exc).splitlines()[0]
+            bucket = re.match(r"Bucket '([^']+)' not found", first)
+            if bucket:  # pyarrow's text suggests an option of its own that prefopt does not expose
+                raise StorageError(f"{self.uri}: the bucket {bucket[1]} does not exist; create it first "
+                                   "(prefopt never creates buckets)") from None
+            raise StorageError(f"{self.uri}: {first} (credentials and endpoint come from the environment: "
+                               "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, ...)") from None
 
     def exists(self) -> bool:
         return self._info().type != pafs.FileType.NotFound
@@ -180,6 +184,25 @@ class Store:
                 with self._errors():
                     pafs.copy_files(f"{self.path}/{relative}", str(local / relative), source_filesystem=self.fs,
                                     destination_filesystem=pafs.LocalFileSystem())
+
+
+def check_endpoint(environ: Mapping[str, str] = os.environ, timeout_s: float = 3.0) -> None:
+    """An S3-compatible endpoint named in the environment must answer a TCP connect: the S3 client
+    retries a refused connection for seconds per call, so a server that is down or a wrong port is
+    said here, at once."""
+    import socket
+    from urllib.parse import urlsplit
+
+    for key in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
+        if environ.get(key):
+            url = urlsplit(environ[key] if "://" in environ[key] else f"http://{environ[key]}")
+            port = url.port or (443 if url.scheme == "https" else 80)
+            try:
+                socket.create_connection((url.hostname, port), timeout=timeout_s).close()
+            except OSError as exc:
+                raise StorageError(f"{key}={environ[key]}: nothing answers there ({exc.strerror or exc}); start "
+                                   f"the store, or correct {key}") from None
+            return
 
 
 def sibling(where: str | os.PathLike, name: str) -> str:

@@ -261,12 +261,20 @@ def check_writable(store: Store, field: str) -> None:
     """A store a run will write to takes a small file and gives it back, or the run stops here."""
     import uuid
 
+    from prefopt.storage import check_endpoint
+
+    if store.uri.startswith("s3://"):
+        try:
+            check_endpoint()
+        except OSError as exc:
+            raise PreflightError(f"{field}: {store.uri}: {exc}") from None
     probe = store / f".prefopt-probe-{uuid.uuid4().hex}"
     try:
         probe.write_text("probe")
         probe.delete()
     except OSError as exc:
-        raise PreflightError(f"{field}: cannot write to {store.uri}: {str(exc).splitlines()[0]}") from None
+        reason = str(exc).splitlines()[0].removeprefix(f"{probe.uri}: ")
+        raise PreflightError(f"{field}: cannot write to {store.uri}: {reason}") from None
 
 
 def connect(cfg: RunConfig, with_reference: bool, more: tuple[str, ...] = ()) -> None:

@@ -150,3 +150,17 @@ def test_options_written_in_the_uri_stay_at_its_end(s3, tmp_path, monkeypatch):
     assert storage.sibling(run.uri, "refcache") == f"{bucket}/refcache?endpoint_override={host}&scheme=http"
     assert storage.local_dir_for(run.uri).name.startswith("run-")
     assert (storage.localize((run / "checkpoints").uri) / "step1" / "trainer_state.json").read_text() == "{}"
+
+
+def test_an_endpoint_nobody_answers_is_said_at_once(s3):
+    storage.check_endpoint({"AWS_ENDPOINT_URL": s3.endpoint})  # the test server answers
+    storage.check_endpoint({})  # no endpoint named: AWS itself, nothing to check
+    with pytest.raises(StorageError, match=r"^AWS_ENDPOINT_URL=http://127.0.0.1:9: nothing answers there .*start "
+                                           r"the store, or correct AWS_ENDPOINT_URL$"):
+        storage.check_endpoint({"AWS_ENDPOINT_URL": "http://127.0.0.1:9"})
+
+
+def test_a_missing_bucket_is_named_as_such(s3):
+    with pytest.raises(StorageError, match=r"^s3://no-such-bucket/run/x: the bucket no-such-bucket does not exist; "
+                                           r"create it first \(prefopt never creates buckets\)$"):
+        (Store.at("s3://no-such-bucket/run") / "x").write_text("probe")
