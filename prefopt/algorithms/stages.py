@@ -80,10 +80,13 @@ def complete_checkpoints(store: Store) -> list[tuple[int, str, dict]]:
     """(step, tag, state) of every complete checkpoint (one with a state file, written last), by step."""
     found = []
     for tag in (store / CHECKPOINTS).children():
-        state_file = store / CHECKPOINTS / tag / STATE_FILE
-        if tag.startswith("step") and state_file.is_file():
-            state = json.loads(state_file.read_text())
-            found.append((state["step"], tag, state))
+        if not tag.startswith("step"):
+            continue
+        try:  # one read per checkpoint (a round trip each on an object store), no existence check first
+            state = json.loads((store / CHECKPOINTS / tag / STATE_FILE).read_text())
+        except FileNotFoundError:  # being written, or killed while it was
+            continue
+        found.append((state["step"], tag, state))
     return sorted(found)
 
 
@@ -501,8 +504,8 @@ def combine_ranks(per_rank: list[dict[str, float]]) -> dict[str, float]:
 def checkpoint_location(run: Run, step: int, part: str | None = None) -> tuple[str, str]:
     """(directory, tag) of a group's checkpoint: the policy's is checkpoints/step<N>; another
     model of the same run (PPO's critic) saves its `part` inside it, checkpoints/step<N>/<part>."""
-    directory, tag = run.store / CHECKPOINTS, f"step{step}"
-    return (directory.uri, tag) if part is None else ((directory / tag).uri, part)
+    tag = f"step{step}"
+    return ((run.store / CHECKPOINTS).uri, tag) if part is None else (run.checkpoint_dir(tag).uri, part)
 
 
 def save_ranks(group, run: Run, step: int, part: str | None = None) -> None:
