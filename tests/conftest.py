@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -13,12 +14,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def pytest_collection_modifyitems(items):
-    # Tests are marked by folder so that no test can be left out of both CI selections.
+    # Tests are marked by folder so that no test can be left out of both CI selections. The
+    # folder is read relative to tests/: a checkout under e.g. /home/unit/ must not mark all.
+    tests_dir = Path(__file__).resolve().parent
     for item in items:
-        path = str(item.fspath)
-        if f"{os.sep}unit{os.sep}" in path:
+        try:
+            folder = Path(str(item.fspath)).resolve().relative_to(tests_dir).parts[0]
+        except ValueError:  # not under tests/
+            continue
+        if folder == "unit":
             item.add_marker(pytest.mark.unit)
-        elif f"{os.sep}integration{os.sep}" in path:
+        elif folder == "integration":
             item.add_marker(pytest.mark.integration)
 
 
