@@ -89,7 +89,7 @@ def param_value(value: Any) -> str:
 
 def algorithm_tags(cfg: RunConfig) -> dict[str, str]:
     """{'algorithm': 'offline', 'loss': 'dpo'} for the offline losses, else {'algorithm': name}."""
-    from prefopt.losses import LOSSES
+    from prefopt.losses.names import LOSSES
 
     name = cfg.algorithm.name
     if name in LOSSES:
