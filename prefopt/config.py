@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from prefopt.errors import UserError
+from prefopt.losses.names import needs_reference, resolve_params
 
 
 class ConfigError(UserError, ValueError):
@@ -98,10 +99,10 @@ class DataConfig(Section):
 
 
 class AlgorithmConfig(Section):
-    """Which loss runs, and its parameters (names as in REFERENCES.md).
+    """Which loss runs, and its parameters (formulas and papers: docs/losses.md).
 
-    The loss library (prefopt.losses) owns the loss names, which parameters each loss takes
-    and their ranges; this section only carries them, and asks the library at load time.
+    The losses own the loss names, which parameters each loss takes and their ranges, in
+    prefopt.losses.names (no torch); this section only carries them, and asks it at load time.
     """
 
     name: str = "dpo"
@@ -127,9 +128,7 @@ class AlgorithmConfig(Section):
 
     @model_validator(mode="after")
     def _params_fit_the_loss(self) -> AlgorithmConfig:
-        # Ask the loss library now, before any process starts, rather than on the first step.
-        from prefopt.losses import resolve_params
-
+        # Ask the losses now, before any process starts, rather than on the first step.
         if self.name in ONLINE_ALGORITHMS:  # their settings have their own section (ppo)
             if self.loss_params():
                 raise ValueError(f"{', '.join(self.loss_params())}: not a setting of {self.name}; "
@@ -454,8 +453,6 @@ class RunConfig(Section):
     @model_validator(mode="after")
     def _sections_agree(self) -> RunConfig:
         # Rules that span sections, checked at load, before anything starts.
-        from prefopt.losses import needs_reference
-
         if self.data.path is None and self.data.task is None:
             raise ValueError("set data.path (a file) or data.task (a built-in task)")
         name, params = self.algorithm.name, self.algorithm.loss_params()

@@ -8,8 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-# Range for (w_d·n_d)/(w_u·n_u) given in REFERENCES.md.
-KTO_RATIO_RANGE = (1.0, 1.5)
+from prefopt.losses.names import KTO_RATIO_RANGE
 
 
 def kto(

@@ -1,6 +1,6 @@
 """Pairwise preference losses: one small function per loss, over per-sequence log-probs.
 
-Notation (REFERENCES.md): πc, πr are policy log-probs summed over completion tokens; rc, rr
+Notation (docs/losses.md): πc, πr are policy log-probs summed over completion tokens; rc, rr
 the same under the reference; Lc, Lr completion token counts; ρ = π − r; Δ = ρc − ρr.
 Every loss function takes a `Pairs` batch plus its parameters and returns the per-example
 loss, shape [B]. Inputs arrive checked and upcast to fp32 by `prefopt.losses.registry`.
@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from prefopt.losses.names import REFERENCE_SCORES
 
 
 @dataclass(frozen=True)
@@ -94,14 +96,10 @@ GPO_FUNCTIONS = {
     "savage": lambda x: torch.sigmoid(-x) ** 2,  # bounded; not convex
 }
 
-# What a pair compares: summed or per-token log-ratio to the reference, or the policy's own
-# summed or per-token log-prob (no reference model).
-GPO_SCORES = ("sum_logratio", "avg_logratio", "sum_logp", "avg_logp")
-REFERENCE_SCORES = ("sum_logratio", "avg_logratio")
 
 
 def scores(p: Pairs, score: str) -> tuple[Tensor, Tensor]:
-    """(chosen, rejected) scores, each [B], for one of GPO_SCORES."""
+    """(chosen, rejected) scores, each [B], for one of names.GPO_SCORES."""
     if score in REFERENCE_SCORES:
         chosen, rejected = logratios(p)
     else:
