@@ -15,6 +15,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
+from prefopt import shards
 from prefopt.refcache import PART_NAMES, RefCache, RefCacheIncomplete, RefCacheMismatch, Shard, store
 
 PARTS = {"data": "3f2a" + "0" * 60, "reference_weights": "ab" * 32, "tokenizer": "cd" * 32,
@@ -140,7 +141,7 @@ def test_a_failed_write_leaves_no_shard(tmp_path, monkeypatch):
             f.write(b"PAR1")
         raise OSError("disk full")
 
-    monkeypatch.setattr(store.pq, "write_table", write_half_then_fail)
+    monkeypatch.setattr(shards.pq, "write_table", write_half_then_fail)
     with pytest.raises(OSError, match="disk full"):
         fill(cache, logps(4))
     assert files(cache) == ["manifest.json"]  # no shard, and the temp file was removed
@@ -151,16 +152,17 @@ def test_a_killed_precompute_resumes_with_the_missing_shards(tmp_path):
     # A real process, killed (os._exit) while writing its second shard: no cleanup runs.
     script = textwrap.dedent(f"""
         import os, numpy as np
-        from prefopt.refcache import RefCache, store
+        from prefopt import shards
+        from prefopt.refcache import RefCache
         cache = RefCache.open({str(tmp_path)!r}, {PARTS!r}, num_rows=12, roles={ROLES!r}, shard_rows=4)
-        real = store.pq.write_table
+        real = shards.pq.write_table
         def killed_on_second(table, where, filesystem):
             if "shard-000001" in where:
                 with filesystem.open_output_stream(where) as f:
                     f.write(b"PAR1 truncated")
                 os._exit(9)
             real(table, where, filesystem=filesystem)
-        store.pq.write_table = killed_on_second
+        shards.pq.write_table = killed_on_second
         for shard in cache.shards():
             cache.write_shard(shard, {{r: np.full(shard.num_rows, -1.0) for r in {ROLES!r}}})
     """)
@@ -209,8 +211,8 @@ def test_an_untouched_cache_verifies(tmp_path):
     fill(cache, values)
     assert cache.check() == {} and cache.missing_shards() == [] and cache.is_complete()
     cache.verify()
-    footer = json.loads(pq.read_schema(local_shard(cache, 1)).metadata[store._FOOTER_KEY])
-    assert footer["values_sha256"] == store._values_sha256({r: v[4:8] for r, v in values.items()}, ROLES)
+    footer = json.loads(pq.read_schema(local_shard(cache, 1)).metadata[store.KIND.encode()])
+    assert footer["values_sha256"] == shards.values_sha256(pa.table({r: v[4:8] for r, v in values.items()}))
     np.testing.assert_array_equal(cache.read()["rejected"], values["rejected"])
 
 
@@ -276,9 +278,9 @@ def test_a_shard_of_the_previous_version_is_recomputed_not_trusted(tmp_path):
     fill(cache, values)
     path = local_shard(cache, 0)
     table = pq.read_table(path)
-    footer = json.loads(table.schema.metadata[store._FOOTER_KEY])
+    footer = json.loads(table.schema.metadata[store.KIND.encode()])
     del footer["values_sha256"]
-    pq.write_table(table.replace_schema_metadata({store._FOOTER_KEY: json.dumps(footer).encode()}), path)
+    pq.write_table(table.replace_schema_metadata({store.KIND.encode(): json.dumps(footer).encode()}), path)
     assert cache.check() == {Shard(0, 0, 4): "no checksum (written before prefopt recorded checksums): "
                                              "cannot be verified"}
     with pytest.raises(RefCacheIncomplete, match="no checksum"):
