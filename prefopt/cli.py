@@ -11,7 +11,7 @@ from rich.syntax import Syntax
 
 from prefopt.cli_common import DEBUG, ConfigArg, SetOpt, console, guarded, resolve
 from prefopt.config import TinyModelConfig
-from prefopt.data.cli import data_app
+from prefopt.data.cli import register as register_data
 from prefopt.launch.cli import register as register_launch
 from prefopt.tracking.cli import register as register_tracking
 
@@ -121,7 +121,15 @@ def label(config: ConfigArg, set_: SetOpt = None) -> None:
     guarded(lambda: run(cfg, console), log_dir=cfg.output_dir)
 
 
+def _run_tokenizer(cfg):
+    """The tokenizer of the run's model (built, for a tiny model, under its output_dir)."""
+    from prefopt.models import model_and_tokenizer
+    from prefopt.storage import local_dir_for
+
+    return model_and_tokenizer(cfg.model, local_dir_for(cfg.output_dir))[1]
+
+
 # Sub-commands that live beside their packages, registered last so that `prefopt --help` lists them last.
-app.add_typer(data_app, name="data")
+register_data(app, load_tokenizer=_run_tokenizer)
 register_tracking(app)
 register_launch(app)

@@ -7,36 +7,45 @@ would stop it (data.on_bad_row: error), 2 when the source itself is unusable.
 
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import Callable
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
 
 from prefopt.cli_common import ConfigArg, console, fail, resolve, set_opt
-
-data_app = typer.Typer(help="Check preference data.", no_args_is_help=True)
+from prefopt.config import RunConfig
 
 SetOpt = set_opt("Override a field: --set data.path=pairs.jsonl (repeatable)")
 
 
-@data_app.command("validate")
-def validate(
-    config: ConfigArg,
-    set_: SetOpt = None,
-    show: Annotated[int, typer.Option(help="problems to print (all are counted)")] = 20,
-) -> None:
-    """Read, validate and tokenize the run's data; print what would be kept, cut and dropped."""
+def register(app: typer.Typer, load_tokenizer: Callable[[RunConfig], Any]) -> None:
+    """Add `prefopt data ...` to `app`. The models live above the data, so the caller
+    (prefopt.cli) brings `load_tokenizer(cfg)`, the run's tokenizer."""
+    data_app = typer.Typer(help="Check preference data.", no_args_is_help=True)
+
+    @data_app.command("validate")
+    def validate(
+        config: ConfigArg,
+        set_: SetOpt = None,
+        show: Annotated[int, typer.Option(help="problems to print (all are counted)")] = 20,
+    ) -> None:
+        """Read, validate and tokenize the run's data; print what would be kept, cut and dropped."""
+        cfg = resolve(config, set_)
+        with console.status("loading the tokenizer"):
+            tokenizer = load_tokenizer(cfg)
+        print_report(cfg, tokenizer, show)
+
+    app.add_typer(data_app, name="data")
+
+
+def print_report(cfg: RunConfig, tokenizer: Any, show: int) -> None:
+    """Check the run's data with `tokenizer`, print the report, exit 1 or 2 where it would stop."""
     from prefopt.data.errors import DataError
     from prefopt.data.fingerprint import fingerprint, tokenizer_fingerprint
     from prefopt.data.prepare import check
     from prefopt.data.report import describe_reason
 
-    cfg = resolve(config, set_)
-    from prefopt.models import model_and_tokenizer
-    from prefopt.storage import local_dir_for
-
-    with console.status("loading the tokenizer"):
-        _, tokenizer = model_and_tokenizer(cfg.model, local_dir_for(cfg.output_dir))
     try:
         with console.status("reading, validating and tokenizing"):
             checked = check(cfg, tokenizer)
