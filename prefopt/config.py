@@ -552,13 +552,28 @@ def _allowed_keys(model: type[BaseModel], path: tuple) -> list[str]:
     return list(model.model_fields)
 
 
+# Names other trainers (Hugging Face TrainingArguments, TRL, DeepSpeed) give to our keys.
+KEY_ALIASES = {
+    "learning_rate": "lr",
+    "lr_scheduler_type": "lr_schedule",
+    "logging_steps": "log_steps",
+    "per_device_train_batch_size": "micro_batch_size",
+    "train_micro_batch_size_per_gpu": "micro_batch_size",
+    "max_grad_norm": "gradient_clipping",
+}
+
+
 def _describe(err: dict) -> str:
     loc = tuple(err["loc"])
     dotted = ".".join(str(p) for p in loc) or "(top level)"
     if err["type"] == "extra_forbidden":
         allowed = _allowed_keys(RunConfig, loc[:-1])
-        close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
+        # A misspelling of a name users bring from elsewhere (learning_rate) is too far from
+        # ours (lr) for difflib alone: match the known aliases too, and name our key.
+        names = {key: key for key in allowed}
+        names.update({alias: key for alias, key in KEY_ALIASES.items() if key in allowed})
+        close = difflib.get_close_matches(str(loc[-1]), names, n=1)
+        hint = f"; did you mean '{names[close[0]]}'?" if close else ""
         return f"{dotted}: unknown key{hint} (allowed: {', '.join(allowed)})"
     msg = err["msg"]
     if err["type"] == "value_error":

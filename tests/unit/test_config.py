@@ -61,6 +61,42 @@ def test_misspelled_key_in_yaml_is_named_with_a_suggestion(tmp_path):
         load_config(misspelled)
 
 
+def test_misspelled_alias_names_our_key(tmp_path):
+    # README's example: a misspelling of Hugging Face's name is too far from 'lr' for difflib
+    # alone, so the known aliases (learning_rate -> lr) are matched too.
+    path = tmp_path / "my.yaml"
+    path.write_text("data: {task: imdb_sentiment}\ntrain:\n  lerning_rate: 1e-4\n")
+    with pytest.raises(ConfigError, match=r"my\.yaml: train\.lerning_rate: unknown key; did you mean 'lr'\? "
+                                          r"\(allowed: lr, gradient_accumulation_steps, "):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"train\.logging_steps: unknown key; did you mean 'log_steps'"):
+        load_config(TINY, ["train.logging_steps=5"])
+    # An alias whose key lives in another section suggests nothing wrong in this one.
+    with pytest.raises(ConfigError) as err:
+        load_config(TINY, ["train.max_grad_norm=1.0"])
+    assert "gradient_clipping" not in str(err.value).split("(allowed")[0]
+
+
+def test_the_config_reads_loss_names_without_the_loss_mathematics():
+    # prefopt.losses.names declares the names and ranges without torch: loading and validating
+    # a config (what every CLI command does first) must not import torch.
+    import subprocess
+    import sys
+
+    code = ("import sys; from prefopt.config import load_config; "
+            f"load_config({TINY!r}, ['algorithm.name=gpo', 'algorithm.score=avg_logp']); "
+            "print('torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"
+
+
+def test_loss_names_and_functions_agree():
+    from prefopt.losses import GPO_FUNCTIONS, names, registry
+
+    assert set(registry._FUNCTIONS) == set(names.LOSSES)
+    assert tuple(GPO_FUNCTIONS) == names.GPO_FUNCTION_NAMES
+
+
 def test_unknown_section_is_refused(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("trainer:\n  lr: 0.1\n")
