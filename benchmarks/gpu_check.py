@@ -1,19 +1,18 @@
 """Check and measure prefopt's GPU path in one process: no Ray, no MLflow, one rank.
 
-On the GPU machine (one H100, no internet; the wheels in .gpu/whl add what it lacks), from the
-repository root, with .gpu/ present:
+On a GPU machine with prefopt installed (`make install`; Ray and MLflow are not used), from the
+repository root:
 
-    python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/whl/*.whl \\
-      && export PYTHONPATH=/tmp/site:$PWD DS_ACCELERATOR=cuda \\
-      && python3 benchmarks/gpu_check.py --out $OUT/gpu.json 2>&1 | tee $OUT/gpu.log
+    DS_ACCELERATOR=cuda .venv/bin/python benchmarks/gpu_check.py --out gpu.json 2>&1 | tee gpu.log
 
-(that is .gpu/run.sh). Here, on CPU, the same code on a tiny model:
+Here, on CPU, the same code on a tiny model:
 
     DS_ACCELERATOR=cpu .venv/bin/python benchmarks/gpu_check.py --quick
 
 It drives prefopt's engine workers directly (PolicyWorker, EngineWorker: the classes Ray wraps
 elsewhere) on a Llama built from a config (hidden 1024, 16 layers, 16 heads, ~200M parameters)
-with the tiny model's tokenizer (.gpu/assets/tiny), and synthetic preference pairs written
+with the tiny model's tokenizer (--assets DIR, a directory written by `prefopt model build-tiny
+DIR`; by default one is built first, from the built-in task's reviews), and synthetic preference pairs written
 as TokenizedData (chosen completions from one half of the vocabulary, rejected from the
 other, so DPO has something to learn in 20 steps). Sections, each guarded (a failing one
 prints its traceback and the others still run; the JSON is rewritten after each):
@@ -65,7 +64,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 LN2 = math.log(2.0)
 
 SIZES = {
@@ -555,7 +553,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes (the CPU test)")
     parser.add_argument("--out", help="write the results as JSON here (rewritten after each section)")
-    parser.add_argument("--assets", default=str(ROOT / ".gpu/assets/tiny"), help="tiny model dir (its tokenizer)")
+    parser.add_argument("--assets", help="a tiny model dir from `prefopt model build-tiny DIR`, for its tokenizer "
+                        "(default: build one first)")
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16" if CUDA else "float32",
                         help="the policies' dtype (default: bfloat16 on a GPU, float32 on CPU)")
     parser.add_argument("--threads", type=int, default=min(8, os.cpu_count() or 1) if CUDA else 1,
@@ -581,7 +580,14 @@ def main() -> int:
         from transformers import AutoTokenizer
 
         start = time.perf_counter()
-        results["model"] = build_model_dir(tmp / "model", Path(args.assets), s)
+        if args.assets:
+            assets = Path(args.assets)
+        else:
+            from prefopt.config import TinyModelConfig
+            from prefopt.models import save_tiny
+
+            assets = save_tiny(tmp / "tiny", TinyModelConfig())
+        results["model"] = build_model_dir(tmp / "model", assets, s)
         results["model"]["build_seconds"] = round(time.perf_counter() - start, 1)
         tok = AutoTokenizer.from_pretrained(tmp / "model")
         tok_ids = {"bos": tok.bos_token_id, "eos": tok.eos_token_id, "pad": tok.pad_token_id,
