@@ -63,7 +63,7 @@ def test_cli_trains_with_zero3_on_two_ranks_evaluates_along_the_way_and_exports(
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     metrics = read_metrics(out)
     assert [m["step"] for m in metrics] == [1, 2, 3]
-    # Policy starts at the reference: the first DPO loss is ln 2 (DESIGN.md's invariant).
+    # Policy starts at the reference: the first DPO loss is ln 2 (Δ = 0: docs/losses.md, "Invariant").
     assert metrics[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
     assert metrics[-1]["loss"] != pytest.approx(math.log(2), abs=1e-6)  # and it trained
     assert "2 rank(s), ZeRO stage 3" in proc.stdout

@@ -151,7 +151,7 @@ def test_run_over_http_reads_back(server, tmp_path):
     assert tags["algorithm"] == "offline" and tags["loss"] == "dpo"
     assert tags[TAG_VERSION] == __import__("prefopt").__version__
     assert tags[TAG_DATA_FINGERPRINT] == "data-123" and tags[TAG_REFCACHE_FINGERPRINT] == "ref-456"
-    # Metrics: one point per logging step, under DESIGN.md's names.
+    # Metrics: one point per logging step, under the names of docs/tracking.md.
     history = c.get_metric_history(tracker.run_id, "loss")
     assert [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)] == list(
         zip(range(1, 6), losses, strict=True))

@@ -1,4 +1,4 @@
-"""Loss values against closed forms worked out by hand from REFERENCES.md.
+"""Loss values against closed forms worked out by hand from the papers (each cited in docs/losses.md).
 
 Two pairs, in nats (π policy, r reference, L completion tokens):
   pair 0: πc=−10, πr=−12, rc=−11, rr=−11, Lc=4, Lr=5  →  ρc=1, ρr=−1, Δ=2
@@ -178,7 +178,7 @@ POLICY_EQUALS_REFERENCE = {
     ],
 )
 def test_policy_equal_to_reference(name, params, expected):
-    # DESIGN.md's invariant: with the policy initialised from the reference, Δ = 0 and the
+    # The invariant of docs/losses.md: with the policy initialised from the reference, Δ = 0 and the
     # first DPO loss is ln 2 = 0.693147; every reference-based loss has such a value.
     out = pairwise_loss(name, **POLICY_EQUALS_REFERENCE, **params)
     torch.testing.assert_close(out.per_example, torch.full((3,), expected), rtol=1e-6, atol=1e-6)
