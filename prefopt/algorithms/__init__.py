@@ -1,20 +1,11 @@
-"""Controllers, one file per algorithm, built from the stages in stages.py."""
+"""Controllers, one file per algorithm, each a recipe on a Session (session.py) built from the
+stages in stages.py; which controller and roles an algorithm has: prefopt.algorithm_spec."""
 
 from __future__ import annotations
 
 
 def train(cfg, console, *, resume: bool | None = None):
-    """Run the controller `algorithm.name` belongs to: PPO, a reward model, or an offline loss."""
-    from prefopt.losses import REWARD_LOSSES
+    """Run the controller of the algorithm `algorithm.name` belongs to."""
+    from prefopt.algorithm_spec import spec_for
 
-    if cfg.algorithm.name == "ppo":
-        from prefopt.algorithms.ppo import train as train_ppo
-
-        return train_ppo(cfg, console, resume=resume)
-    if cfg.algorithm.name in REWARD_LOSSES:
-        from prefopt.algorithms.reward_model import train as train_reward_model
-
-        return train_reward_model(cfg, console, resume=resume)
-    from prefopt.algorithms.offline import train as train_offline
-
-    return train_offline(cfg, console, resume=resume)
+    return spec_for(cfg).train(cfg, console, resume=resume)

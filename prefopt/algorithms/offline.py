@@ -11,101 +11,40 @@ step lives with the workers (prefopt.workers.offline_step); the stages in prefop
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
+from prefopt.algorithm_spec import loss_needs_reference
 from prefopt.algorithms import stages
+from prefopt.algorithms.session import Session, TrainResult
 from prefopt.config import RunConfig
-
-
-@dataclass
-class TrainResult:
-    output_dir: str  # a local path or a store's URI (prefopt.storage)
-    model_dir: str  # the exported model: output_dir/model
-    final_metrics: dict[str, float]
-    steps: int
-    run_id: str
-    timings: dict[str, float]
-    param_bytes: list[int]  # parameter bytes held by each rank (its ZeRO-3 partition)
 
 
 def train(cfg: RunConfig, console, *, resume: bool | None = None) -> TrainResult:
     """Run offline training end to end. resume: None = resume if a checkpoint exists."""
-    from prefopt.losses import needs_reference
-    from prefopt.tracking import Tracker
-    from prefopt.tracking.tracker import TAG_DATA_FINGERPRINT, TAG_REFCACHE_FINGERPRINT
+    from prefopt.algorithms.precompute_ref import fill_reference_cache
+    from prefopt.tracking.tracker import TAG_REFCACHE_FINGERPRINT
 
-    timings: dict[str, float] = {}
-    # The reference role answers the loss (a cache filled once, or live per micro-batch) and the
-    # evaluation's KL; it never lives on a policy rank, and starts only when someone needs it.
-    loss_reference = cfg.ref.mode != "none" and needs_reference(cfg.algorithm.name, **cfg.algorithm.loss_params())
-    evaluating = cfg.data.task is not None
-    stages.preflight(cfg, console, with_reference=loss_reference or evaluating)
-    run = stages.open_run(cfg, resume)
-    inputs = stages.prepare_inputs(cfg, console)
-    run.check_data(inputs.data)
-    check_loss_fits_data(cfg, inputs.data, console)
-    stages.connect(cfg, with_reference=loss_reference or evaluating)
-    reference = None
-
-    def start_reference():
-        nonlocal reference
-        if reference is None:
-            reference = stages.start_reference(cfg, inputs, console)
-        return reference
-
-    tags = {TAG_DATA_FINGERPRINT: inputs.data.fingerprint}
-    try:
+    with Session.open(cfg, console, resume=resume) as s:
+        check_loss_fits_data(cfg, s.inputs.data, console)
+        # The reference answers the loss (a cache filled once, or live per micro-batch) and the
+        # evaluation's KL; it never lives on a policy rank, and starts only when someone needs it.
         t0 = time.perf_counter()
-        ref_cache = None
-        if loss_reference and cfg.ref.mode == "cache":
-            from prefopt.algorithms.precompute_ref import fill_reference_cache
-
-            ref_cache = fill_reference_cache(cfg, inputs, console, start_reference)
+        ref_cache, tags = None, {}
+        if loss_needs_reference(cfg) and cfg.ref.mode == "cache":
+            ref_cache = fill_reference_cache(cfg, s.inputs, console, s.start_reference)
             tags[TAG_REFCACHE_FINGERPRINT] = ref_cache.fingerprint
-            if reference is not None and not evaluating:  # its job is done: free its devices
-                reference.shutdown()
-                reference = None
-        elif loss_reference:
-            start_reference()
-        timings["reference_seconds"] = time.perf_counter() - t0
-        evaluator = None
-        if evaluating:
-            from prefopt.eval import Evaluator
+            if cfg.data.task is None:  # its job is done: free its devices
+                s.stop("reference")
+        elif loss_needs_reference(cfg):
+            s.start_reference()
+        s.timings["reference_seconds"] = time.perf_counter() - t0
+        evaluator = s.evaluator()
 
-            with console.status(f"sampling the reference on {cfg.eval.num_prompts} test prompts"):
-                evaluator = Evaluator(cfg, inputs.tokenizer, start_reference())
-
-        with Tracker.start(cfg, run_id=run.mlflow_run_id, tags=tags) as tracker:
-            tracker.log_config()
-            tracker.log_data_input(inputs.data)
-            t0 = time.perf_counter()
-            policy, infos = stages.start_policy(cfg, inputs, run, console, ref_cache=ref_cache, reference=reference)
-            timings["startup_seconds"] = time.perf_counter() - t0
-            try:
-                state = {"data_fingerprint": inputs.data.fingerprint, "mlflow_run_id": tracker.run_id}
-                evaluate = (lambda step: log_evaluation(evaluator, policy, step, tracker, console)) if evaluator else None
-                metrics = stages.run_steps(cfg, stages.steps_on(policy), stages.saver(policy, run), run, tracker,
-                                           console, state, evaluate)
-                model_dir = stages.export(policy, run, console)
-            finally:
-                policy.shutdown()
-            with console.status("logging the model to MLflow"):
-                tracker.log_model_dir(model_dir)
-    finally:
-        if reference is not None:
-            reference.shutdown()
-    return TrainResult(run.output_dir, model_dir, metrics, cfg.train.max_steps, tracker.run_id, timings,
-                       [info["param_bytes"] for info in infos])
-
-
-def log_evaluation(evaluator, policy, step: int, tracker, console) -> dict[str, float]:
-    result = evaluator(policy)
-    tracker.log_metrics(result.metrics, step=step)
-    tracker.log_generations(result.samples, step=step)
-    m = result.metrics
-    console.print(f"eval at step {step}: reward {m['eval/reward']:.3f} (reference {m['eval/reference_reward']:.3f}), "
-                  f"KL to reference {m['eval/kl']:.2f} nats, win rate vs reference {m['eval/win_rate']:.2f}")
-    return m
+        with s.tracking(tags):
+            live = s.groups["reference"].actors if cfg.ref.mode == "live" and loss_needs_reference(cfg) else None
+            policy = s.start("policy", "setup", s.inputs.rank_model_dir(), s.inputs.rank_data_path(),
+                             ref_cache=ref_cache, ref_actors=live)
+            metrics = s.train(stages.steps_on(policy), s.saver("policy"), s.evaluation(evaluator, policy))
+            return s.finish(policy, metrics)
 
 
 def check_loss_fits_data(cfg: RunConfig, data, console) -> None:

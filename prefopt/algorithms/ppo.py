@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from prefopt.algorithms import stages
+from prefopt.algorithms.session import Session, TrainResult
 from prefopt.config import PPOConfig, RunConfig
 
 
@@ -207,64 +208,37 @@ def schedules(cfg: RunConfig, b: Batches) -> tuple[dict, dict]:
 # ----------------------------------------------------------------------------- the controller
 
 
-def train(cfg: RunConfig, console, *, resume: bool | None = None):
+def train(cfg: RunConfig, console, *, resume: bool | None = None) -> TrainResult:
     import ray
 
-    from prefopt.algorithms.offline import TrainResult, log_evaluation
-    from prefopt.cluster.worker_group import WorkerGroup, as_completed
+    from prefopt.cluster.worker_group import as_completed
     from prefopt.losses.ppo import kl_controller
-    from prefopt.tracking import Tracker
-    from prefopt.tracking.tracker import TAG_DATA_FINGERPRINT
-    from prefopt.workers.offline_step import mean_metrics
-    from prefopt.workers.ppo import CriticWorker, PPOPolicyWorker
+    from prefopt.workers.trainer import mean_metrics
 
     p = cfg.ppo
     b = check_ppo(cfg)
-    roles = (("critic",) if p.advantage == "gae" else ()) + (("reward",) if cfg.reward.source == "model" else ())
-    stages.preflight(cfg, console, with_reference=True, more=roles)
     cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"format": "prompt_only"})})
-    run = stages.open_run(cfg, resume)
-    inputs = stages.prepare_inputs(cfg, console)
-    run.check_data(inputs.data)
-    prompt_texts = inputs.data.table["prompt"].to_pylist()
-    prompt_ids = inputs.data.table["prompt_ids"].to_pylist()
-    stages.connect(cfg, with_reference=True, more=roles)
     policy_schedule, critic_schedule = schedules(cfg, b)
-    eos = inputs.tokenizer.eos_token_id
     sampling = p.sampling.model_dump(exclude={"seed"})
-    critic_dir = cfg.critic.model_path or inputs.rank_model_dir()
 
-    reference = critic = reward = policy = None
-    try:
-        reference = stages.start_reference(cfg, inputs, console)
-        reward = TaskReward(cfg) if cfg.reward.source == "task" else ModelReward(cfg, console)
-        evaluator = None
-        if cfg.data.task is not None:
-            from prefopt.eval import Evaluator
-
-            with console.status(f"sampling the reference on {cfg.eval.num_prompts} test prompts"):
-                evaluator = Evaluator(cfg, inputs.tokenizer, reference)
-        state: dict = {"data_fingerprint": inputs.data.fingerprint}
+    with Session.open(cfg, console, resume=resume) as s:
+        prompt_texts = s.inputs.data.table["prompt"].to_pylist()
+        prompt_ids = s.inputs.data.table["prompt_ids"].to_pylist()
+        eos = s.inputs.tokenizer.eos_token_id
+        reference = s.start_reference()
+        reward = TaskReward(cfg) if cfg.reward.source == "task" else s.own(ModelReward(cfg, console))
+        evaluator = s.evaluator()
         kl = kl_controller(p.kl_coef, p.kl_target, p.kl_horizon)
-        if run.checkpoint is not None:
-            kl.load_state_dict(run.checkpoint[1]["kl_controller"])
-        state["kl_controller"] = kl.state_dict()
+        if s.run.checkpoint is not None:
+            kl.load_state_dict(s.run.checkpoint[1]["kl_controller"])
+        s.state["kl_controller"] = kl.state_dict()
 
-        with Tracker.start(cfg, run_id=run.mlflow_run_id, tags={TAG_DATA_FINGERPRINT: inputs.data.fingerprint}) as tracker:
-            tracker.log_config()
-            tracker.log_data_input(inputs.data)
-            state["mlflow_run_id"] = tracker.run_id
-            t0 = time.perf_counter()
-            policy, infos = stages.start_policy(cfg, inputs, run, console, worker_cls=PPOPolicyWorker,
-                                                schedule=policy_schedule)
+        with s.tracking():
+            policy = s.start("policy", "setup", s.inputs.rank_model_dir(), schedule=policy_schedule)
+            critic = None
             if p.advantage == "gae":
-                with console.status(f"starting {cfg.critic_role.num_workers} critic worker(s)"):
-                    critic = WorkerGroup(CriticWorker, cfg.critic_role, cfg.cluster, name="critic", key="critic",
-                                         init_args=(cfg.model_dump_json(),))
-                    critic.call("setup", critic_dir, schedule=critic_schedule)
-                    if run.checkpoint is not None:
-                        critic.call("load_checkpoint", *stages.checkpoint_location(run, run.start_step, "critic"))
-            timings = {"startup_seconds": time.perf_counter() - t0}
+                critic = s.start("critic", "setup", cfg.critic.model_path or s.inputs.rank_model_dir(),
+                                 schedule=critic_schedule)
 
             def iteration(step: int) -> dict[str, float]:
                 """PPO iteration `step` (0-based): rollouts, scores, advantages, the update."""
@@ -288,9 +262,9 @@ def train(cfg: RunConfig, console, *, resume: bool | None = None):
                 # and a task reward computes here meanwhile. Each ppo/time/{reference, values,
                 # reward} counts from the phase's start until that role's scores were in (a task
                 # reward: its own time); ppo/time/score is the whole phase.
-                items = [{"prompt_ids": q, "completion_ids": s["completion_ids"]}
-                         for q, s in zip(prompts, samples, strict=True)]
-                texts = ([prompt_texts[i] for i in picked], [s["text"] for s in samples])
+                items = [{"prompt_ids": q, "completion_ids": x["completion_ids"]}
+                         for q, x in zip(prompts, samples, strict=True)]
+                texts = ([prompt_texts[i] for i in picked], [x["text"] for x in samples])
                 calls = {"reference": reference.split_async("score", items)}
                 if critic is not None:
                     calls["values"] = critic.split_async("score", items)
@@ -305,10 +279,10 @@ def train(cfg: RunConfig, console, *, resume: bool | None = None):
                     within[f"ppo/time/{name}"] = time.perf_counter() - clock
                 lap("score")
                 experience, metrics = make_experience(
-                    p, kl.coef, logps=[s["logprobs"] for s in samples], ref_logps=scored["reference"],
+                    p, kl.coef, logps=[x["logprobs"] for x in samples], ref_logps=scored["reference"],
                     values=scored["values"], scores=scored["reward"],
-                    ended=[s["completion_ids"][-1] == eos for s in samples])
-                experience |= {"prompt_ids": prompts, "completion_ids": [s["completion_ids"] for s in samples]}
+                    ended=[x["completion_ids"][-1] == eos for x in samples])
+                experience |= {"prompt_ids": prompts, "completion_ids": [x["completion_ids"] for x in samples]}
                 lap("advantages")
                 shared = ray.put(experience)  # once into the object store, read by every rank of both roles
                 plan = minibatch_plan(cfg.train.seed, step, b.rollout, b.minibatch, p.epochs)
@@ -326,29 +300,15 @@ def train(cfg: RunConfig, console, *, resume: bool | None = None):
                         metrics |= {f"ppo/{'critic_' if k == 'grad_norm' else ''}{k}": v for k, v in combined.items()}
                 lap("update")
                 kl.update(metrics["ppo/kl"], b.rollout)
-                state["kl_controller"] = kl.state_dict()
-                tokens = sum(len(s["completion_ids"]) for s in samples)
+                s.state["kl_controller"] = kl.state_dict()
+                tokens = sum(len(x["completion_ids"]) for x in samples)
                 return metrics | times | within | {"loss": metrics["ppo/policy_loss"], "tokens": float(tokens),
                                                    "step_seconds": sum(times.values())}
 
             def steps(first: int, count: int) -> list[dict[str, float]]:
                 return [iteration(step) for step in range(first, first + count)]
 
-            def save(step: int) -> None:
-                stages.save_ranks(policy, run, step)
-                if critic is not None:
-                    stages.save_ranks(critic, run, step, "critic")
-
-            evaluate = (lambda step: log_evaluation(evaluator, policy, step, tracker, console)) if evaluator else None
+            save = s.saver("policy", *(["critic"] if critic is not None else []))
             # PPO's policy loss sits near zero and changes sign: only non-finite values stop the run.
-            metrics = stages.run_steps(cfg, steps, save, run, tracker, console, state, evaluate,
-                                       loss_ratio_guard=False)
-            model_dir = stages.export(policy, run, console)
-            with console.status("logging the model to MLflow"):
-                tracker.log_model_dir(model_dir)
-    finally:
-        for group in (policy, critic, reward, reference):
-            if group is not None:
-                group.shutdown()
-    return TrainResult(run.output_dir, model_dir, metrics, cfg.train.max_steps, tracker.run_id, timings,
-                       [info["param_bytes"] for info in infos])
+            metrics = s.train(steps, save, s.evaluation(evaluator, policy), loss_ratio_guard=False)
+            return s.finish(policy, metrics)

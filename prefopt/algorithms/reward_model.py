@@ -12,48 +12,24 @@ model's ...ForSequenceClassification, which plain transformers loads.
 
 from __future__ import annotations
 
-import time
-
 from prefopt.algorithms import stages
+from prefopt.algorithms.session import Session, TrainResult
 from prefopt.config import RunConfig
 from prefopt.storage import local_dir_for
 
 
-def train(cfg: RunConfig, console, *, resume: bool | None = None):
-    from prefopt.algorithms.offline import TrainResult
-    from prefopt.tracking import Tracker
-    from prefopt.tracking.tracker import TAG_DATA_FINGERPRINT
-    from prefopt.workers.reward_model import RewardModelWorker
-
-    stages.preflight(cfg, console, with_reference=False)
-    run = stages.open_run(cfg, resume)
-    inputs = stages.prepare_inputs(cfg, console)
-    run.check_data(inputs.data)
-    if inputs.data.kind != "pair":
-        raise stages.PreflightError(f"algorithm.name=reward_model trains on preference pairs; the data is "
-                                    f"{inputs.data.format}")
-    heldout = _heldout(cfg, inputs, console)
-    stages.connect(cfg, with_reference=False)
-
-    with Tracker.start(cfg, run_id=run.mlflow_run_id, tags={TAG_DATA_FINGERPRINT: inputs.data.fingerprint}) as tracker:
-        tracker.log_config()
-        tracker.log_data_input(inputs.data)
-        t0 = time.perf_counter()
-        group, infos = stages.start_policy(cfg, inputs, run, console, worker_cls=RewardModelWorker,
-                                           heldout_path=stages.data_for_ranks(cfg, heldout) if heldout else None)
-        timings = {"startup_seconds": time.perf_counter() - t0}
-        try:
-            evaluate = (lambda step: _evaluate(group, heldout, step, tracker, console)) if heldout else None
-            state = {"data_fingerprint": inputs.data.fingerprint, "mlflow_run_id": tracker.run_id}
-            metrics = stages.run_steps(cfg, stages.steps_on(group), stages.saver(group, run), run, tracker, console,
-                                       state, evaluate)
-            model_dir = stages.export(group, run, console)
-        finally:
-            group.shutdown()
-        with console.status("logging the model to MLflow"):
-            tracker.log_model_dir(model_dir)
-    return TrainResult(run.output_dir, model_dir, metrics, cfg.train.max_steps, tracker.run_id, timings,
-                       [info["param_bytes"] for info in infos])
+def train(cfg: RunConfig, console, *, resume: bool | None = None) -> TrainResult:
+    with Session.open(cfg, console, resume=resume) as s:
+        if s.inputs.data.kind != "pair":
+            raise stages.PreflightError(f"algorithm.name=reward_model trains on preference pairs; the data is "
+                                        f"{s.inputs.data.format}")
+        heldout = _heldout(cfg, s.inputs, console)
+        with s.tracking():
+            group = s.start("policy", "setup", s.inputs.rank_model_dir(), s.inputs.rank_data_path(),
+                            heldout_path=stages.data_for_ranks(cfg, heldout) if heldout else None)
+            evaluate = (lambda step: _evaluate(group, heldout, step, s.tracker, console)) if heldout else None
+            metrics = s.train(stages.steps_on(group), s.saver("policy"), evaluate)
+            return s.finish(group, metrics)
 
 
 def _heldout(cfg: RunConfig, inputs, console):

@@ -23,103 +23,23 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from prefopt.algorithms.checkpoints import (  # noqa: F401
+    CHECKPOINTS,
+    METRICS_FILE,
+    STATE_FILE,
+    PreflightError,
+    Run,
+    checkpoint_location,
+    complete_checkpoints,
+    latest_checkpoint,
+    open_run,
+    save_ranks,
+    saver,
+    write_state,
+)
 from prefopt.config import RunConfig
 from prefopt.errors import DIVERGED, UserError
 from prefopt.storage import Store, is_remote, local_dir_for, localize, publish
-
-CHECKPOINTS = "checkpoints"
-STATE_FILE = "trainer_state.json"
-METRICS_FILE = "metrics.jsonl"
-
-
-@dataclass
-class Run:
-    """A run's directory and what it resumes from (checkpoint None: a fresh start).
-
-    `store` is output_dir wherever it lives (a local path, s3://, gs://, ...: prefopt.storage);
-    the checkpoints, the export and config.yaml go there. `local_dir` is where this process
-    writes metrics.jsonl as it goes: output_dir itself when local, else a folder of this machine
-    whose log is copied to the store before each checkpoint's state file."""
-
-    store: Store
-    local_dir: Path
-    checkpoint: tuple[str, dict] | None  # (tag, state) of the newest complete checkpoint
-
-    @property
-    def output_dir(self) -> str:
-        return self.store.uri
-
-    def checkpoint_dir(self, tag: str) -> Store:
-        return self.store / CHECKPOINTS / tag
-
-    def sync_log(self) -> None:
-        """The log up to now onto the store (a local output_dir holds it already)."""
-        if not self.store.is_local:
-            (self.store / METRICS_FILE).write_bytes((self.local_dir / METRICS_FILE).read_bytes())
-
-    @property
-    def start_step(self) -> int:
-        return self.checkpoint[1]["step"] if self.checkpoint else 0
-
-    @property
-    def mlflow_run_id(self) -> str | None:
-        return self.checkpoint[1].get("mlflow_run_id") if self.checkpoint else None
-
-    def check_data(self, data) -> None:
-        """A checkpoint trained on other data is not this run's to continue."""
-        if self.checkpoint is None:
-            return
-        tag, state = self.checkpoint
-        if state.get("data_fingerprint") not in (None, data.fingerprint):
-            raise PreflightError(f"{self.checkpoint_dir(tag)}: the checkpoint was trained on other "
-                             f"data (fingerprint {state['data_fingerprint'][:16]}, now {data.fingerprint[:16]}); "
-                             "use --fresh or another output_dir")
-
-
-def complete_checkpoints(store: Store) -> list[tuple[int, str, dict]]:
-    """(step, tag, state) of every complete checkpoint (one with a state file, written last), by step."""
-    found = []
-    for tag in (store / CHECKPOINTS).children():
-        if not tag.startswith("step"):
-            continue
-        try:  # one read per checkpoint (a round trip each on an object store), no existence check first
-            state = json.loads((store / CHECKPOINTS / tag / STATE_FILE).read_text())
-        except FileNotFoundError:  # being written, or killed while it was
-            continue
-        found.append((state["step"], tag, state))
-    return sorted(found)
-
-
-def latest_checkpoint(store: Store) -> tuple[str, dict] | None:
-    """The newest complete checkpoint, ignoring any half-written one."""
-    complete = complete_checkpoints(store)
-    return (complete[-1][1], complete[-1][2]) if complete else None
-
-
-def open_run(cfg: RunConfig, resume: bool | None) -> Run:
-    """resume: None = resume when a checkpoint exists; True = must resume; False = start over."""
-    store = Store.at(cfg.output_dir)
-    local_dir = local_dir_for(store.uri)
-    local_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint = latest_checkpoint(store)
-    if resume is True and checkpoint is None:
-        raise FileNotFoundError(f"--resume: no checkpoint in {store / CHECKPOINTS}")
-    if resume is False and checkpoint is not None:
-        (store / CHECKPOINTS).delete()
-        checkpoint = None
-    metrics = local_dir / METRICS_FILE
-    if checkpoint is None:
-        metrics.unlink(missing_ok=True)
-    else:
-        if not store.is_local:  # the log as of the checkpoint, whatever this machine kept
-            log = store / METRICS_FILE
-            metrics.write_bytes(log.read_bytes() if log.is_file() else b"")
-        if metrics.is_file():  # drop what was logged after the checkpoint: those steps run again
-            kept = [line for line in metrics.read_text().splitlines()
-                    if json.loads(line)["step"] <= checkpoint[1]["step"]]
-            metrics.write_text("".join(line + "\n" for line in kept))
-    (store / "config.yaml").write_text(cfg.to_yaml())
-    return Run(store, local_dir, checkpoint)
 
 
 @dataclass
@@ -182,47 +102,41 @@ def data_for_ranks(cfg: RunConfig, data) -> str:
     return publish(data.path, Store.at(cfg.output_dir) / "data" / data.path.name)
 
 
-class PreflightError(UserError, ValueError):
-    """A run that cannot start here; the message names the config field to change."""
+def _placements(cfg: RunConfig, roles, with_reference: bool | None) -> list:
+    """(name, section, RoleConfig) of `roles` (prefopt.algorithm_spec.Role), by default every
+    role the algorithm starts. with_reference=False: the policy alone (generate's and label's
+    old calls; they pass roles now)."""
+    from prefopt.algorithm_spec import placements, spec_for
+
+    if roles is None and with_reference is False:
+        roles = [spec_for(cfg).role(cfg, "policy")]
+    return placements(cfg, roles)
 
 
-def _roles(cfg: RunConfig, with_reference: bool, more: tuple[str, ...] = ()) -> list[tuple[str, str, object]]:
-    """(name in messages, config section, role config) of the roles a run starts; `more`: "critic",
-    "reward" (PPO)."""
-    out = [("policy", "policy", cfg.policy)] + ([("reference", "ref", cfg.reference)] if with_reference else [])
-    return out + [{"critic": ("critic", "critic", cfg.critic_role), "reward": ("reward", "reward", cfg.reward_role)}[m]
-                  for m in more]
-
-
-def alive_together(cfg: RunConfig, roles: list[tuple[str, str, object]]) -> list[tuple[str, str, object]]:
-    """The roles whose ranks live at the same time: all of PPO's; in an offline run a reference
-    that only fills the cache (ref.mode cache, no evaluation) is shut down before the policy starts."""
-    if cfg.algorithm.name == "ppo" or cfg.ref.mode == "live" or cfg.data.task is not None:
-        return roles
-    return [r for r in roles if r[0] != "reference"]
-
-
-def preflight(cfg: RunConfig, console, *, with_reference: bool, tracking: bool = True,
-              more: tuple[str, ...] = ()) -> None:
+def preflight(cfg: RunConfig, console, *, roles=None, tracking: bool = True,
+              with_reference: bool | None = None) -> None:
     """What can be checked in seconds, before Ray, data or caches: paths that must exist, the
     dtype on the device, the tracking store, and, for a local instance, whether this machine has
-    what the roles ask for (a remote cluster is checked on connect)."""
+    what the roles ask for (a remote cluster is checked on connect). roles: the
+    prefopt.algorithm_spec.Role list a run starts (default: the algorithm's spec)."""
     import os
 
+    from prefopt.algorithm_spec import busy_cpus
     from prefopt.cluster.worker_group import check_fit_together, check_fits
+    from prefopt.models.model_dir import model_config
 
-    critic_path = cfg.critic.model_path if "critic" in more else None
+    placed = _placements(cfg, roles, with_reference)
+    critic_path = cfg.critic.model_path if any(name == "critic" for name, _, _ in placed) else None
     for field, path in (("model.path", cfg.model.path), ("ref.model_path", cfg.ref.model_path),
                         ("critic.model_path", critic_path)):
-        if path is not None and not (Store.at(path) / "config.json").is_file():
-            raise PreflightError(f"{field}: {path} is not a Hugging Face model directory (no config.json)")
+        if path is not None:
+            model_config(path, field, PreflightError)
     if is_remote(cfg.output_dir):
         check_writable(Store.at(cfg.output_dir), "output_dir")
     if cfg.data.path is not None and not Path(cfg.data.path).exists() and "://" not in cfg.data.path:
         raise PreflightError(f"data.path: {cfg.data.path} does not exist")
-    roles = _roles(cfg, with_reference, more)
-    gpu_roles = [key for _, key, role in roles if role.gpus_per_worker]
-    if cfg.model.dtype == "float16" and len(gpu_roles) < len(roles):
+    gpu_roles = [key for _, key, role in placed if role.gpus_per_worker]
+    if cfg.model.dtype == "float16" and len(gpu_roles) < len(placed):
         raise PreflightError("model.dtype: float16 needs GPUs (DeepSpeed's fp16 mode does not run on CPU ranks); "
                              "use float32 or bfloat16, or give every role gpus_per_worker")
     if tracking:
@@ -236,28 +150,29 @@ def preflight(cfg: RunConfig, console, *, with_reference: bool, tracking: bool =
         # A local instance shares this machine's cores out as logical CPUs (see ray_setup), so
         # only a single rank asking for more cores than exist is impossible; GPUs are counted.
         here = {"CPU": float("inf"), "GPU": float(torch.cuda.device_count())}
-        for name, key, role in roles:
+        for name, key, role in placed:
             if role.cpus_per_worker > cores:
                 raise PreflightError(f"{name}: {key}.cpus_per_worker={role.cpus_per_worker:g} but this machine "
                                      f"has {cores} cores; lower {key}.cpus_per_worker")
             check_fits(name, key, role, nodes=[here])
-        check_fit_together(alive_together(cfg, roles), nodes=[here])
-        # Ranks that compute at the same time: the policy's and a live reference's; in PPO the
-        # policy and critic updating together, or the reference, critic and reward scoring together.
-        def cpus(*role_configs) -> float:
-            return sum(role.num_workers * role.cpus_per_worker for role in role_configs)
-
-        busy = cpus(cfg.policy)
-        if cfg.algorithm.name == "ppo":
-            critic = [cfg.critic_role] if "critic" in more else []
-            reward = [cfg.reward_role] if "reward" in more else []
-            busy = max(cpus(cfg.policy, *critic), cpus(cfg.reference, *critic, *reward))
-        elif with_reference and cfg.ref.mode == "live":
-            busy += cpus(cfg.reference)
+        check_fit_together(together(cfg, placed), nodes=[here])
+        busy = busy_cpus(cfg) if roles is None and with_reference is None else cpus_of(placed)
         if busy > cores:
             console.print(f"[yellow]warning:[/] the ranks that compute together ask for {busy:g} CPUs and this "
                           f"machine has {cores}: they will share cores and each run slower (lower "
                           "policy.num_workers or policy.cpus_per_worker)")
+
+
+def cpus_of(placed: list) -> float:
+    return sum(role.num_workers * role.cpus_per_worker for _, _, role in placed)
+
+
+def together(cfg: RunConfig, placed: list) -> list:
+    """The placements among `placed` whose ranks live at the same time (prefopt.algorithm_spec)."""
+    from prefopt.algorithm_spec import spec_for
+
+    alive = {r.name for r in spec_for(cfg).alive_together(cfg)}
+    return [p for p in placed if p[0] in alive or p[0] not in {r.name for r in spec_for(cfg).roles(cfg)}]
 
 
 def check_writable(store: Store, field: str) -> None:
@@ -280,82 +195,53 @@ def check_writable(store: Store, field: str) -> None:
         raise PreflightError(f"{field}: cannot write to {store.uri}: {reason}") from None
 
 
-def connect(cfg: RunConfig, with_reference: bool, more: tuple[str, ...] = ()) -> None:
-    """Start a local Ray or join cluster.address; a remote cluster is checked against the roles."""
+def connect(cfg: RunConfig, *, roles=None, with_reference: bool | None = None) -> None:
+    """Start a local Ray (sized for `roles`, by default the algorithm's) or join cluster.address;
+    a remote cluster is checked against the roles."""
     from prefopt.cluster.ray_setup import connect as ray_connect
     from prefopt.cluster.worker_group import check_fit_together, check_fits
 
-    roles = _roles(cfg, with_reference, more)
-    ray_connect(cfg.cluster, [role for _, _, role in roles])
+    placed = _placements(cfg, roles, with_reference)
+    ray_connect(cfg.cluster, [role for _, _, role in placed])
     if cfg.cluster.address is not None:
-        for name, key, role in roles:
+        for name, key, role in placed:
             check_fits(name, key, role)
-        check_fit_together(alive_together(cfg, roles))
+        check_fit_together(together(cfg, placed))
+
+
+def start_group(cfg: RunConfig, role: str, console, worker_cls, setup: str, *args, **kwargs):
+    """A role's ranks started and `setup(*args, **kwargs)` called on every one (shut down again if
+    that fails). -> (group, what each rank's setup returned)."""
+    from prefopt.algorithm_spec import SECTIONS, role_config
+    from prefopt.cluster.worker_group import WorkerGroup
+
+    role_cfg = role_config(cfg, role)
+    with console.status(f"starting {role_cfg.num_workers} {role} worker(s)"):
+        group = WorkerGroup(worker_cls, role_cfg, cfg.cluster, name=role, key=SECTIONS[role],
+                            init_args=(cfg.model_dump_json(),))
+        try:
+            infos = group.call(setup, *args, **kwargs)
+        except BaseException:
+            group.shutdown()
+            raise
+    return group, infos
 
 
 def start_reference(cfg: RunConfig, inputs: Inputs, console):
     """The reference role: `ref.num_workers` frozen engine workers holding the data."""
-    from prefopt.cluster.worker_group import WorkerGroup
     from prefopt.workers.reference import ReferenceWorker
 
-    with console.status(f"starting {cfg.ref.num_workers} reference worker(s)"):
-        group = WorkerGroup(ReferenceWorker, cfg.reference, cfg.cluster, name="reference", key="ref",
-                            init_args=(cfg.model_dump_json(),))
-        try:
-            group.call("setup", inputs.rank_reference_dir(cfg), inputs.rank_data_path())
-        except BaseException:
-            group.shutdown()
-            raise
-    return group
+    return start_group(cfg, "reference", console, ReferenceWorker, "setup", inputs.rank_reference_dir(cfg),
+                       inputs.rank_data_path())[0]
 
 
 def start_reward(cfg: RunConfig, console, head: str = "scalar"):
     """The reward role: `reward.num_workers` frozen engine workers holding reward.model_path, a
     scalar head (a reward model) or a causal LM ("lm": a judge)."""
-    from prefopt.cluster.worker_group import WorkerGroup
     from prefopt.workers.reward import RewardWorker
 
-    with console.status(f"starting {cfg.reward_role.num_workers} reward worker(s)"):
-        group = WorkerGroup(RewardWorker, cfg.reward_role, cfg.cluster, name="reward", key="reward",
-                            init_args=(cfg.model_dump_json(),))
-        try:
-            group.call("build", cfg.reward.model_path, train=False, head=head)
-        except BaseException:
-            group.shutdown()
-            raise
-    return group
-
-
-def start_policy(cfg: RunConfig, inputs: Inputs, run: Run, console, *, ref_cache=None, reference=None,
-                 worker_cls=None, **setup_kwargs):
-    """The trained model's role (the `policy` section): built, its data and reference attached,
-    resumed from the run's checkpoint. worker_cls: PolicyWorker, or another role trained the
-    same way (RewardModelWorker). -> (group, setup info of each rank)."""
-    from prefopt.cluster.worker_group import WorkerGroup
-    from prefopt.workers.policy import PolicyWorker
-
-    worker_cls = worker_cls or PolicyWorker
-    with console.status(f"starting {cfg.policy.num_workers} policy worker(s)"):
-        group = WorkerGroup(worker_cls, cfg.policy, cfg.cluster, name="policy", key="policy",
-                            init_args=(cfg.model_dump_json(),))
-    try:
-        if worker_cls is PolicyWorker:
-            live = reference.actors if reference is not None and cfg.ref.mode == "live" else None
-            setup_kwargs |= {"ref_cache": ref_cache, "ref_actors": live}
-        infos = group.call("setup", inputs.rank_model_dir(), inputs.rank_data_path(), **setup_kwargs)
-        stage = infos[0]["zero_stage"]
-        asked = cfg.policy.deepspeed.zero_stage
-        why = "" if stage == asked else f" ({asked} asked: one rank has nothing to partition)"
-        console.print(f"policy: {group.size} rank(s), ZeRO stage {stage}{why}, "
-                      f"{infos[0]['param_bytes'] / 2**20:.2f} MiB of parameters on rank 0")
-        if run.checkpoint is not None:
-            tag, _ = run.checkpoint
-            group.call("load_checkpoint", *checkpoint_location(run, run.start_step))
-            console.print(f"resumed from {run.checkpoint_dir(tag)} at step {run.start_step}")
-    except BaseException:
-        group.shutdown()
-        raise
-    return group, infos
+    return start_group(cfg, "reward", console, RewardWorker, "build", cfg.reward.model_path, train=False,
+                       head=head)[0]
 
 
 def intervals(start: int, end: int, every: list[int | None]) -> list[tuple[int, int]]:
@@ -439,6 +325,9 @@ def run_steps(cfg: RunConfig, steps, save, run: Run, tracker, console, state: di
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    from prefopt.algorithm_spec import spec_for
+
+    progress_line = spec_for(cfg).progress
     t = cfg.train
     eval_every = cfg.eval.every_steps if evaluate is not None else None
     guard = HealthGuard(t.health, run, loss_ratio_guard)
@@ -466,10 +355,7 @@ def run_steps(cfg: RunConfig, steps, save, run: Run, tracker, console, state: di
                 guard.check(step, metrics)  # before this call's checkpoint: a diverged state is never saved
             state["first_loss"] = guard.first_loss
             done = first + count
-            acc = metrics.get("rewards/accuracies", metrics.get("rm/accuracy"))
-            info = f"loss {metrics['loss']:.4f}" + (f"  acc {acc:.2f}" if acc is not None else "")
-            info += f"  reward {metrics['ppo/reward']:.3f}  kl {metrics['ppo/kl']:.2f}" if "ppo/reward" in metrics else ""
-            info += f"  {metrics['tokens_per_second']:.0f} tok/s"
+            info = progress_line(metrics)
             progress.update(bar, completed=done, info=info)
             if done % t.save_steps == 0 or done == t.max_steps:
                 # An 8B checkpoint going up to an object store takes minutes: say what is happening.
@@ -493,35 +379,12 @@ def steps_on(group):
 
 def combine_ranks(per_rank: list[dict[str, float]]) -> dict[str, float]:
     """One step's metrics from every rank's: means, tokens summed, the slowest rank's seconds."""
-    from prefopt.workers.offline_step import mean_metrics
+    from prefopt.workers.trainer import mean_metrics
 
     out = mean_metrics(per_rank)
     out["tokens"] = float(sum(m["tokens"] for m in per_rank))
     out["step_seconds"] = max(m["step_seconds"] for m in per_rank)
     return out
-
-
-def checkpoint_location(run: Run, step: int, part: str | None = None) -> tuple[str, str]:
-    """(directory, tag) of a group's checkpoint: the policy's is checkpoints/step<N>; another
-    model of the same run (PPO's critic) saves its `part` inside it, checkpoints/step<N>/<part>."""
-    tag = f"step{step}"
-    return ((run.store / CHECKPOINTS).uri, tag) if part is None else (run.checkpoint_dir(tag).uri, part)
-
-
-def save_ranks(group, run: Run, step: int, part: str | None = None) -> None:
-    group.call("save_checkpoint", *checkpoint_location(run, step, part), {"step": step})
-
-
-def saver(group, run: Run):
-    """run_steps' `save` for a run with one trained group."""
-    return lambda step: save_ranks(group, run, step)
-
-
-def write_state(run: Run, step: int, state: dict) -> None:
-    # Written after every rank of every group has saved, and after the log: a state file means
-    # the checkpoint is complete.
-    run.sync_log()
-    (run.checkpoint_dir(f"step{step}") / STATE_FILE).write_text(json.dumps({"step": step, **state}))
 
 
 def export(group, run: Run, console) -> str:

@@ -25,7 +25,7 @@ from prefopt.data.formats import FormatSpec, resolve_format
 from prefopt.data.report import DataReport
 from prefopt.data.sources import read_source
 from prefopt.data.store import TokenizedData, to_table, write
-from prefopt.data.tokenize import encode
+from prefopt.data.tokenize import encode, pad_token_id
 from prefopt.data.validate import check_rows
 
 log = logging.getLogger("prefopt.data")
@@ -78,7 +78,7 @@ def prepare(cfg: RunConfig, tokenizer, out_dir: str | Path) -> TokenizedData:
     if report.rows_kept == 0:
         raise DataError(f"{report.source}: no usable rows ({report.summary()})")
 
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_token_id(tokenizer)
     fp = fingerprint(checked.table, format=checked.spec.name,
                      tokenizer_id=tokenizer_fingerprint(tokenizer),
                      max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length)

@@ -33,6 +33,12 @@ from prefopt.data.sources import Source
 from prefopt.data.validate import BadRow, Example
 
 
+def pad_token_id(tokenizer) -> int:
+    """The id batches are padded with: the tokenizer's pad token, else its EOS (padding is masked
+    wherever it could be read, so which id only has to be a real one)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 @dataclass
 class Encoded:
     """Tokenized examples as columns (one list per column, one entry per kept example)."""

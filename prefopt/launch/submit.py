@@ -315,34 +315,22 @@ def last_error_line(logs: str) -> str | None:
 
 def roles_of(cfg: RunConfig) -> list[tuple[str, str, RoleConfig]]:
     """(name in messages, config section, role) of every role `prefopt train` starts for this
-    config, as the controllers decide (prefopt.algorithms: offline, reward_model, ppo)."""
-    from prefopt.losses import REWARD_LOSSES, needs_reference
+    config: its algorithm's spec (prefopt.algorithm_spec) decides."""
+    from prefopt.algorithm_spec import placements
 
-    roles: list[tuple[str, str, RoleConfig]] = [("policy", "policy", cfg.policy)]
-    name = cfg.algorithm.name
-    if name == "ppo":
-        roles.append(("reference", "ref", cfg.reference))
-        if cfg.ppo.advantage == "gae":
-            roles.append(("critic", "critic", cfg.critic_role))
-        if cfg.reward.source == "model":
-            roles.append(("reward", "reward", cfg.reward_role))
-    elif name not in REWARD_LOSSES:
-        loss_reference = cfg.ref.mode != "none" and needs_reference(name, **cfg.algorithm.loss_params())
-        if loss_reference or cfg.data.task is not None:
-            roles.append(("reference", "ref", cfg.reference))
-    return roles
+    return placements(cfg)
 
 
 def check_resources(cfg: RunConfig, nodes: list[dict[str, float]], where: str) -> None:
     """Refuse, naming the field and the shortfall, a role that no placement on `nodes` could hold."""
-    from prefopt.algorithms.stages import alive_together
+    from prefopt.algorithm_spec import placements, spec_for
     from prefopt.cluster.worker_group import ClusterError, check_fit_together, check_fits
 
     roles = roles_of(cfg)
     try:
         for name, key, role in roles:
             check_fits(name, key, role, nodes=nodes)
-        check_fit_together(alive_together(cfg, roles), nodes=nodes)
+        check_fit_together(placements(cfg, spec_for(cfg).alive_together(cfg)), nodes=nodes)
     except ClusterError as exc:
         raise ClusterError(f"the cluster at {where}: {exc}") from None
 

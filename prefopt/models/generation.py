@@ -45,11 +45,12 @@ class _SampledLogProbs(LogitsProcessor):
 def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, greedy: bool = False) -> list[dict]:
     from prefopt.data.collate import collate_prompts
+    from prefopt.data.tokenize import pad_token_id
     from prefopt.models import accelerator_device
 
     if not prompts:
         return []
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     eos_id = tokenizer.eos_token_id
     batch = collate_prompts([{"prompt_ids": p} for p in prompts], pad_token_id=pad_id)
     device = accelerator_device()

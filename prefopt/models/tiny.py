@@ -113,11 +113,11 @@ def save_tiny(out_dir: str | Path, cfg: TinyModelConfig, corpus: Iterable[str] |
 def ensure_model(model_cfg: ModelConfig, output_dir: str | Path) -> Path:
     """The directory to `from_pretrained` from: `model.path`, or the tiny model (built once)."""
     if model_cfg.path is not None:
+        from prefopt.models.model_dir import model_config
         from prefopt.storage import localize
 
         path = localize(model_cfg.path)  # a store's URI: downloaded once per machine
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"model.path: {path} is not a Hugging Face model directory (no config.json)")
+        model_config(str(path), "model.path", FileNotFoundError)
         return path
     tiny_dir = Path(output_dir) / "tiny-model"
     marker = tiny_dir / "prefopt_tiny.json"

@@ -88,13 +88,11 @@ def param_value(value: Any) -> str:
 
 
 def algorithm_tags(cfg: RunConfig) -> dict[str, str]:
-    """{'algorithm': 'offline', 'loss': 'dpo'} for the offline losses, else {'algorithm': name}."""
-    from prefopt.losses.names import LOSSES
+    """{'algorithm': 'offline', 'loss': 'dpo'} for the offline losses, else {'algorithm': name}:
+    as the algorithm's spec says (prefopt.algorithm_spec, a declaration beside the config)."""
+    from prefopt.algorithm_spec import spec_for
 
-    name = cfg.algorithm.name
-    if name in LOSSES:
-        return {TAG_ALGORITHM: "offline", TAG_LOSS: name}
-    return {TAG_ALGORITHM: name}
+    return spec_for(cfg).tags(cfg)
 
 
 def git_commit(path: Path | None = None) -> str | None:

@@ -71,10 +71,3 @@ def micro_batch_loss(model, data, indices: list[int], cfg: RunConfig, ref: dict[
                             ref_chosen_logps=ref_of("chosen"), ref_rejected_logps=ref_of("rejected"),
                             chosen_lengths=info["chosen"], rejected_lengths=info.get("rejected"), **params)
     return out.loss, out.metrics, info["tokens"]
-
-
-def mean_metrics(parts: list[dict[str, float]]) -> dict[str, float]:
-    """Average metrics over micro-batches or ranks. A metric some parts lack (KTO's
-    rewards/chosen in a batch without desirable examples) is averaged over the parts that have it."""
-    keys = dict.fromkeys(k for part in parts for k in part)
-    return {k: float(np.mean([part[k] for part in parts if k in part])) for k in keys}

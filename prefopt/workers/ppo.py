@@ -20,11 +20,10 @@ import time
 
 import torch
 
-from prefopt.cluster.engine_worker import EngineWorker
-from prefopt.workers.offline_step import mean_metrics
+from prefopt.workers.trainer import Trainer, mean_metrics
 
 
-def micro_batches(experience: dict, minibatch: list[int], rank: int, world_size: int, micro: int):
+def micro_batches(experience: dict, minibatch: list[int], rank: int, world_size: int, micro: int, pad_id: int):
     """This rank's share of a minibatch in micro-batches: (padded batch, {per-token key: [K]})."""
     from prefopt.data.collate import pad
     from prefopt.models import accelerator_device
@@ -35,7 +34,7 @@ def micro_batches(experience: dict, minibatch: list[int], rank: int, world_size:
     for s in range(0, len(mine), micro):
         rows = mine[s : s + micro]
         batch = pad([experience["prompt_ids"][i] for i in rows], [experience["completion_ids"][i] for i in rows],
-                    pad_token_id=0)  # padding is masked everywhere it could be read
+                    pad_token_id=pad_id)
         batch = {k: v.to(accelerator_device()) for k, v in batch.items()}
         # Flattened row by row, each completion's tokens in order: the loss_mask order.
         flat = {k: torch.tensor([x for i in rows for x in experience[k][i]], dtype=torch.float32,
@@ -43,7 +42,7 @@ def micro_batches(experience: dict, minibatch: list[int], rank: int, world_size:
         yield batch, flat
 
 
-class _Learner(EngineWorker):
+class _Learner(Trainer):
     """The update loop both roles share; `minibatch_loss` is what differs."""
 
     def setup(self, model_dir: str, data_path: str | None = None, schedule: dict | None = None) -> dict:
@@ -53,22 +52,24 @@ class _Learner(EngineWorker):
         """One optimizer step per minibatch (epochs x minibatches in all). -> mean metrics."""
         self.engine.train()
         start = time.perf_counter()
+        from prefopt.data.tokenize import pad_token_id
+
         micro, world = self.role.micro_batch_size, self.world_size
         parts: list[dict[str, float]] = []
         norms: list[float] = []
         for minibatch in minibatches:
             tokens = sum(len(experience["completion_ids"][i]) for i in minibatch)
             steps = len(minibatch) // world // micro
-            for batch, flat in micro_batches(experience, minibatch, self.rank, world, micro):
+            for batch, flat in micro_batches(experience, minibatch, self.rank, world, micro,
+                                                   pad_token_id(self.tokenizer)):
                 loss, metrics = self.minibatch_loss(batch, flat, tokens)
                 # DeepSpeed divides by the accumulation steps and averages over ranks; the loss
                 # is already this minibatch's token mean, so undo both.
-                self.engine.backward(loss * steps * world)
-                self.engine.step()
+                self.backward_step(loss * steps * world)
                 parts.append(metrics)
-            norm = self.engine.get_global_grad_norm()
+            norm = self.grad_norm()
             if norm is not None:
-                norms.append(float(norm))
+                norms.append(norm)
         out = mean_metrics(parts)
         out["seconds"] = time.perf_counter() - start
         if norms:

@@ -37,10 +37,11 @@ class RewardWorker(EngineWorker):
     def score_texts(self, items: list[dict]) -> list[float]:
         """items [{prompt, completion}] (texts) -> one reward each."""
         from prefopt.data.collate import pad
+        from prefopt.data.tokenize import pad_token_id
         from prefopt.models import accelerator_device
 
         self.model.eval()
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        pad_id = pad_token_id(self.tokenizer)
         out: list[float] = []
         step = self.role.score_batch
         for s in range(0, len(items), step):
@@ -55,12 +56,13 @@ class RewardWorker(EngineWorker):
         """p(answers[0]) / (p(answers[0]) + p(answers[1])) after each question (text), read from
         the judge's next-token probabilities of each answer's first token: a number, never text
         parsed from a generation. The judge is a causal LM (`build(..., head="lm")`)."""
+        from prefopt.data.tokenize import pad_token_id
         from prefopt.models import accelerator_device
 
         tok = self.tokenizer
         first = [tok(a, add_special_tokens=False)["input_ids"][0] for a in answers]
         self.model.eval()
-        pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        pad_id = pad_token_id(tok)
         out: list[float] = []
         step = self.role.score_batch
         for s in range(0, len(questions), step):

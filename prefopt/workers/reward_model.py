@@ -10,15 +10,12 @@ ZeRO-3 as the policy.
 
 from __future__ import annotations
 
-import time
-
 import torch
 
-from prefopt.cluster.engine_worker import EngineWorker
-from prefopt.cluster.sharding import StepPlan
+from prefopt.workers.trainer import Trainer
 
 
-class RewardModelWorker(EngineWorker):
+class RewardModelWorker(Trainer):
     def __init__(self, config_json: str):
         super().__init__(config_json, role="policy")  # the trained model's ranks: the policy section
 
@@ -26,11 +23,8 @@ class RewardModelWorker(EngineWorker):
         from prefopt.data import TokenizedData
 
         info = self.build(model_dir, train=True, head="scalar")
-        self.data = TokenizedData.open(data_path)
+        self.open_data(data_path)
         self.heldout = TokenizedData.open(heldout_path) if heldout_path else None
-        self.plan = StepPlan(num_rows=self.data.num_rows, micro_batch_size=self.role.micro_batch_size,
-                             grad_accum=self.cfg.train.gradient_accumulation_steps, world_size=self.world_size,
-                             seed=self.cfg.data.seed)
         return info
 
     def pair_rewards(self, data, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -46,32 +40,13 @@ class RewardModelWorker(EngineWorker):
         b = len(indices)
         return rewards[:b], rewards[b:], int(batch["attention_mask"].sum())
 
-    def train_steps(self, start: int, count: int) -> list[dict[str, float]]:
-        return [self.train_step(step) for step in range(start, start + count)]
-
-    def train_step(self, step: int) -> dict[str, float]:
+    def micro_batch(self, step: int, micro: int, indices: list[int]):
         from prefopt.losses import reward_loss
-        from prefopt.workers.offline_step import mean_metrics
 
-        self.engine.train()
-        start = time.perf_counter()
-        parts, tokens = [], 0
-        for micro in range(self.plan.grad_accum):
-            indices = self.plan.rows(step, micro, self.rank)
-            chosen, rejected, n_tokens = self.pair_rewards(self.data, indices)
-            out = reward_loss(self.cfg.algorithm.name, chosen_rewards=chosen, rejected_rewards=rejected,
-                              **self.cfg.algorithm.loss_params())
-            self.engine.backward(out.loss)
-            self.engine.step()
-            parts.append(out.metrics)
-            tokens += n_tokens
-        metrics = mean_metrics(parts)
-        metrics |= {"tokens": float(tokens), "step_seconds": time.perf_counter() - start,
-                    "lr": self.scheduler.get_last_lr()[0]}
-        grad_norm = self.engine.get_global_grad_norm()
-        if grad_norm is not None:
-            metrics["grad_norm"] = float(grad_norm)
-        return metrics
+        chosen, rejected, tokens = self.pair_rewards(self.data, indices)
+        out = reward_loss(self.cfg.algorithm.name, chosen_rewards=chosen, rejected_rewards=rejected,
+                          **self.cfg.algorithm.loss_params())
+        return out.loss, out.metrics, tokens
 
     @torch.no_grad()
     def heldout_rewards(self, indices: list[int]) -> list[tuple[float, float]]:

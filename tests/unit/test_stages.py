@@ -72,14 +72,18 @@ def test_the_busy_cores_warning_counts_the_roles_that_compute_together(monkeypat
 
     from rich.console import Console
 
+    from prefopt.algorithm_spec import spec_for
     from prefopt.algorithms.stages import preflight
 
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
 
-    def warned(more: tuple[str, ...], **tree) -> bool:
+    def warned(roles: tuple[str, ...], **tree) -> bool:
         cfg = RunConfig.model_validate({"output_dir": str(tmp_path / "run"), **tree})
+        # The algorithm's spec decides which roles start; check it is the set the case names.
+        started = {r.name for r in spec_for(cfg).roles(cfg)} - {"policy", "reference"}
+        assert started == set(roles)
         out = io.StringIO()
-        preflight(cfg, Console(file=out, width=300), with_reference=True, tracking=False, more=more)
+        preflight(cfg, Console(file=out, width=300), tracking=False)
         return "warning" in out.getvalue()
 
     ppo = {"algorithm": {"name": "ppo"}, "data": {"task": "imdb_sentiment"}}
