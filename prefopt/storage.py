@@ -143,6 +143,11 @@ class Store:
     def write_text(self, text: str) -> None:
         self.write_bytes(text.encode())
 
+    def sha256(self) -> str:
+        """The sha256 of this file, read once as a stream (a download on an object store)."""
+        with self._errors(), self.fs.open_input_stream(self.path) as f:
+            return sha256_of(f)
+
     def children(self) -> list[str]:
         """Names of the entries of this directory (none when it does not exist), sorted."""
         with self._errors():
@@ -269,10 +274,39 @@ def rank_needs(name: str, rank: int) -> bool:
     return found is None or int(found[1]) == rank
 
 
+def rank_writes(name: str, rank: int) -> bool:
+    """Whether `rank` wrote checkpoint file `name`: the files named for it, and the shared ones on
+    rank 0 (DeepSpeed's data-parallel writer). DeepSpeed's `latest` pointer is never read (prefopt
+    names the tag) and a dot-file is a write in progress: neither is part of a checkpoint."""
+    if name == "latest" or name.startswith("."):
+        return False
+    found = _RANK_FILE.search(name)
+    return int(found[1]) == rank if found else rank == 0
+
+
+def sha256_of(stream) -> str:
+    digest = hashlib.sha256()
+    while chunk := stream.read(8 << 20):  # 8 MiB at a time: a checkpoint file may be gigabytes
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def files_written(folder: Path, rank: int) -> list[tuple[str, int, str]]:
+    """(name, size, sha256) of each file `rank` wrote in the checkpoint folder `folder` (its own
+    files, not a part's sub-folder), hashed from this machine's disk before any upload."""
+    out = []
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and rank_writes(path.name, rank):
+            with path.open("rb") as f:
+                out.append((path.name, path.stat().st_size, sha256_of(f)))
+    return out
+
+
 @contextmanager
 def saving_to(directory: str, tag: str) -> Iterator[str]:
     """A local directory to save checkpoint `tag` into; on a store, its `tag` folder is uploaded
-    to `directory/tag` afterwards (each rank uploads the files it wrote)."""
+    to `directory/tag` afterwards (each rank uploads the files it wrote). Hash what was written
+    inside the block (`files_written`): there the files are still on this machine's disk."""
     if not is_remote(directory):
         yield directory
         return

@@ -256,9 +256,11 @@ class EngineWorker:
 
     # ------------------------------------------------------------------ checkpoints and export
 
-    def save_checkpoint(self, directory: str, tag: str, client_state: dict) -> None:
-        """Save this rank's part of checkpoint `directory/tag` (a local path or a store's URI)."""
-        from prefopt.storage import saving_to
+    def save_checkpoint(self, directory: str, tag: str, client_state: dict) -> list[tuple[str, int, str]]:
+        """Save this rank's part of checkpoint `directory/tag` (a local path or a store's URI).
+        -> (name in the tag's folder, size, sha256) of each file this rank wrote, for the
+        checkpoint's state file: hashed from local disk before the upload, never downloaded again."""
+        from prefopt.storage import files_written, saving_to
 
         with saving_to(directory, tag) as local:
             self.engine.save_checkpoint(local, tag=tag, client_state=client_state)
@@ -266,6 +268,7 @@ class EngineWorker:
             if torch.cuda.is_available():
                 rng["cuda"] = torch.cuda.get_rng_state()
             torch.save(rng, Path(local) / tag / f"rng_rank{self.rank}.pt")
+            return files_written(Path(local) / tag, self.rank)
 
     def load_checkpoint(self, directory: str, tag: str) -> dict:
         from prefopt.storage import loading_from
