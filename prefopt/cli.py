@@ -57,8 +57,12 @@ def model_build_tiny(
     from prefopt.models import save_tiny
 
     tiny: TinyModelConfig = resolve(config, set_).model.tiny
-    with console.status("training tokenizer and building model"):
-        path = save_tiny(out_dir, tiny)
+
+    def build() -> Path:
+        with console.status("training tokenizer and building model"):
+            return save_tiny(out_dir, tiny)
+
+    path = guarded(build, log_dir=out_dir)
     console.print(f"saved tiny model to [bold]{path}[/] (load with AutoModelForCausalLM.from_pretrained)")
 
 
@@ -71,7 +75,7 @@ def demo(
     from prefopt.demo import run_demo
 
     cfg = resolve(config or DEMO_CONFIG, set_)
-    guarded(lambda: run_demo(cfg, console), log_dir=cfg.output_dir)
+    guarded(lambda: run_demo(cfg, console), config=cfg)
 
 
 DEMO_CONFIG = Path(__file__).parent / "demo.yaml"
@@ -91,7 +95,7 @@ def train(
     from prefopt.algorithms import train as train_any
 
     cfg = resolve(config, set_)
-    guarded(lambda: train_any(cfg, console, resume=resume), log_dir=cfg.output_dir)
+    guarded(lambda: train_any(cfg, console, resume=resume), config=cfg)
 
 
 @app.command("precompute-ref")
@@ -100,7 +104,7 @@ def precompute_ref(config: ConfigArg, set_: SetOpt = None) -> None:
     from prefopt.algorithms.precompute_ref import run
 
     cfg = resolve(config, set_)
-    guarded(lambda: run(cfg, console), log_dir=cfg.output_dir)
+    guarded(lambda: run(cfg, console), config=cfg)
 
 
 @app.command()
@@ -109,7 +113,7 @@ def generate(config: ConfigArg, set_: SetOpt = None) -> None:
     from prefopt.algorithms.generate import run
 
     cfg = resolve(config, set_)
-    guarded(lambda: run(cfg, console), log_dir=cfg.output_dir)
+    guarded(lambda: run(cfg, console), config=cfg)
 
 
 @app.command()
@@ -118,7 +122,7 @@ def label(config: ConfigArg, set_: SetOpt = None) -> None:
     from prefopt.algorithms.label import run
 
     cfg = resolve(config, set_)
-    guarded(lambda: run(cfg, console), log_dir=cfg.output_dir)
+    guarded(lambda: run(cfg, console), config=cfg)
 
 
 def _run_tokenizer(cfg):

@@ -13,7 +13,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from prefopt.cli_common import ConfigArg, console, fail, resolve, set_opt
+from prefopt.cli_common import ConfigArg, console, fail, guarded, resolve, set_opt
 from prefopt.config import RunConfig
 
 SetOpt = set_opt("Override a field: --set data.path=pairs.jsonl (repeatable)")
@@ -32,9 +32,13 @@ def register(app: typer.Typer, load_tokenizer: Callable[[RunConfig], Any]) -> No
     ) -> None:
         """Read, validate and tokenize the run's data; print what would be kept, cut and dropped."""
         cfg = resolve(config, set_)
-        with console.status("loading the tokenizer"):
-            tokenizer = load_tokenizer(cfg)
-        print_report(cfg, tokenizer, show)
+
+        def run() -> None:
+            with console.status("loading the tokenizer"):
+                tokenizer = load_tokenizer(cfg)
+            print_report(cfg, tokenizer, show)
+
+        guarded(run, config=cfg)
 
     app.add_typer(data_app, name="data")
 
