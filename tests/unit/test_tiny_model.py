@@ -49,15 +49,22 @@ def test_model_generates_after_reload(tiny_model_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     inputs = tok("This movie was", return_tensors="pt")
     out = model.generate(**inputs, max_new_tokens=8, do_sample=False)
-    assert out.shape[1] == inputs.input_ids.shape[1] + 8
-    assert isinstance(tok.decode(out[0]), str)
+    n = inputs.input_ids.shape[1]
+    assert out.shape[1] == n + 8
+    assert torch.equal(out[0, :n], inputs.input_ids[0])  # the prompt comes back unchanged ...
+    assert tok.decode(out[0, :n], skip_special_tokens=True) == "This movie was"
+    with torch.no_grad():  # ... and greedy decoding continues it with the reloaded model's argmax
+        first = model(**inputs).logits[0, -1].argmax()
+    assert out[0, n] == first
 
 
-def test_ensure_model_builds_once_and_rebuilds_on_change(tmp_path):
+def test_ensure_model_builds_once_and_rebuilds_on_change(tmp_path, monkeypatch):
     small = TinyModelConfig(vocab_size=400, hidden_size=16, intermediate_size=32, num_hidden_layers=1)
     cfg = ModelConfig(tiny=small)
     corpus = ["a small corpus of words, repeated for the merges"] * 20
     from prefopt.models import save_tiny
+
+    monkeypatch.setattr("prefopt.models.tiny._default_corpus", lambda: corpus)  # a rebuild trains on it
 
     built = save_tiny(tmp_path / "tiny-model", small, corpus=corpus)
     stamp = (built / "model.safetensors").stat().st_mtime_ns
@@ -65,6 +72,12 @@ def test_ensure_model_builds_once_and_rebuilds_on_change(tmp_path):
     assert (built / "model.safetensors").stat().st_mtime_ns == stamp  # reused, not rebuilt
     marker = json.loads((built / "prefopt_tiny.json").read_text())
     assert marker["hidden_size"] == 16
+    # A changed model.tiny is a different model: rebuilt in place, and the marker says so.
+    wider = ModelConfig(tiny=small.model_copy(update={"hidden_size": 24}))
+    assert ensure_model(wider, tmp_path) == built
+    assert json.loads((built / "prefopt_tiny.json").read_text())["hidden_size"] == 24
+    assert (built / "model.safetensors").stat().st_mtime_ns != stamp
+    assert AutoModelForCausalLM.from_pretrained(built).config.hidden_size == 24
 
 
 def test_ensure_model_rejects_a_directory_without_config(tmp_path):
