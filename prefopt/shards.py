@@ -135,13 +135,16 @@ class Dataset:
                  schema: pa.Schema | None = None):
         self.store, self.kind, self.fingerprint = store, kind, fingerprint
         self.shards, self.schema = list(shards), schema
+        self.manifest: dict | None = None  # as read or written, when the data set was opened from one
 
     @classmethod
     def from_manifest(cls, store: Store, kind: str, manifest: dict, schema: pa.Schema | None = None) -> Dataset:
         """The data set a manifest describes (its `fingerprint` and its `shards` plan)."""
         shards = [Shard(s["index"], s["start"], s["stop"], len(s["file"]) - len("shard-.parquet"))
                   for s in manifest["shards"]]
-        return cls(store, kind, manifest["fingerprint"], shards, schema)
+        dataset = cls(store, kind, manifest["fingerprint"], shards, schema)
+        dataset.manifest = manifest
+        return dataset
 
     # ------------------------------------------------------------------------------ writing
 

@@ -1,36 +1,47 @@
-"""`prefopt generate`: the model's own samples of the data's prompts, as Parquet shards.
+"""`prefopt generate`: the model's own samples of the data's prompts, as a sharded data set.
 
 The first half of on-policy pair data (the DPO paper's sentiment protocol: sample 4 completions
 per prompt from the SFT model, rank them by the reward; `prefopt label` is the second half):
 
-    <generate.output_dir>/manifest.json          what the samples depend on (checked on resume)
+    <generate.output_dir>/manifest.json          what the samples depend on (checked on resume), the shard plan
     <generate.output_dir>/shard-00000.parquet    prompts 0..prompts_per_shard-1, num_samples rows each
     ...
 
+generate.output_dir is a local path or any store's URI (s3://...); default <output_dir>/generated.
 Columns of a shard: prompt (text), prompt_index, sample, completion (text, without the EOS),
 completion_tokens, logprob (summed over the completion, the model's own, temperature 1) and
-finished (the completion ended with an EOS, not at max_new_tokens).
+finished (the completion ended with an EOS, not at max_new_tokens). It is a `prefopt.shards`
+data set: each shard carries a checksum of its values, and one changed or cut short after it
+was written counts as missing, so generate samples it again and label never reads it.
 
 Prompts are those of the data (a built-in task or a file of any format with a prompt column),
-tokenized exactly as training tokenizes them, duplicates dropped. Sampling runs on the policy
-role's ranks (`EngineWorker.generate`, prompts split across them). Each shard is sampled with a
-seed derived from (generate.sampling.seed, shard index), and written to a temporary name then
-renamed: a killed run keeps its finished shards, and the next run computes only the missing
-ones, which come out as they would have the first time.
+tokenized exactly as training tokenizes them, duplicates dropped. Sampling is a stage on a
+started policy group (`sample_shards`, prompts split across its ranks), so a multi-round
+controller samples with the policy it trains. Each shard is sampled with a seed derived from
+(generate.sampling.seed, shard index): a killed run keeps its finished shards, and the next run
+computes only the missing ones, which come out as they would have the first time.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow as pa
+
+from prefopt import shards
 from prefopt.config import RunConfig
 from prefopt.errors import UserError
-from prefopt.storage import local_dir_for
+from prefopt.storage import Store, local_dir_for
 
-MANIFEST = "manifest.json"
+MANIFEST = shards.MANIFEST
+KIND = "prefopt.generate"  # the shards' footer key
+SCHEMA = pa.schema([("prompt", pa.string()), ("prompt_index", pa.int64()), ("sample", pa.int64()),
+                    ("completion", pa.string()), ("completion_tokens", pa.int64()), ("logprob", pa.float64()),
+                    ("finished", pa.bool_())])
 # Parts of the manifest that decide the samples: a difference in one of them is another data set.
 # (model_dir is recorded for the user but not compared: the weights' fingerprint is what counts.)
 DECISIVE = ("generator_weights", "dtype", "data", "num_prompts", "sampling", "num_samples", "prompts_per_shard",
@@ -41,14 +52,18 @@ class GeneratedMismatch(UserError, ValueError):
     """The output directory holds samples of other inputs; the message names what differs."""
 
 
-def output_dir(cfg: RunConfig) -> Path:
-    from prefopt.storage import local_output
+@dataclass
+class Prompts:
+    """The data's distinct prompts: texts, token ids (as training tokenizes them), their fingerprint."""
 
-    return local_output(cfg.generate.output_dir, cfg.output_dir, "generated", "generate.output_dir")
+    texts: list[str]
+    ids: list[list[int]]
+    fingerprint: str
 
 
-def shard_name(index: int) -> str:
-    return f"shard-{index:05d}.parquet"
+def output_dir(cfg: RunConfig) -> Store:
+    """generate.output_dir, else <output_dir>/generated: a local directory or a store's."""
+    return Store.at(cfg.generate.output_dir) if cfg.generate.output_dir else Store.at(cfg.output_dir) / "generated"
 
 
 def shard_seed(seed: int, index: int) -> int:
@@ -56,8 +71,8 @@ def shard_seed(seed: int, index: int) -> int:
     return seed * 1_000_000 + index
 
 
-def read_prompts(cfg: RunConfig, tokenizer):
-    """The data's distinct prompts, tokenized as training tokenizes them -> (texts, ids, fingerprint).
+def read_prompts(cfg: RunConfig, tokenizer) -> Prompts:
+    """The data's distinct prompts, tokenized as training tokenizes them.
 
     Any source with a prompt column works: the other columns (chosen, rejected, completion, ...)
     are ignored, and the prompt_only format tokenizes the prompt alone."""
@@ -93,64 +108,69 @@ def read_prompts(cfg: RunConfig, tokenizer):
 
     fp = fingerprint(pa.table({"prompt_ids": ids}), format="prompt_only", tokenizer_id=tokenizer_fingerprint(tokenizer),
                      max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length)
-    return texts, ids, fp
+    return Prompts(texts, ids, fp)
 
 
-def manifest_for(cfg: RunConfig, model_dir: Path, tokenizer, data_fingerprint: str, num_prompts: int) -> dict:
+def manifest_for(cfg: RunConfig, model_dir: Path, tokenizer, prompts: Prompts) -> dict:
+    """What the samples depend on, and the shard plan: shard i holds prompts_per_shard prompts
+    (the last one fewer), num_samples consecutive rows per prompt."""
     from prefopt.refcache.fingerprint import weights_fingerprint
 
     g = cfg.generate
-    return {
+    manifest = {
         "model_dir": str(Path(model_dir).resolve()),
         "generator_weights": weights_fingerprint(model_dir),
         "dtype": cfg.model.dtype,
-        "data": data_fingerprint,
-        "num_prompts": num_prompts,
+        "data": prompts.fingerprint,
+        "num_prompts": len(prompts.ids),
         "sampling": g.sampling.model_dump(mode="json"),
         "num_samples": g.num_samples,
         "prompts_per_shard": g.prompts_per_shard,
         # Each rank seeds from (seed, rank) and samples its own chunk: another number of ranks
         # draws other samples, so a resume on another number would not reproduce the missing shards.
         "policy_ranks": cfg.policy.num_workers,
-        "num_shards": -(-num_prompts // g.prompts_per_shard),
         "eos_token": tokenizer.eos_token,
+        "eos_token_id": tokenizer.eos_token_id,
     }
+    # The ranks are left out of the fingerprint: a complete output is what it is, whatever the ranks now.
+    decided = {k: manifest[k] for k in DECISIVE if k != "policy_ranks"}
+    manifest["fingerprint"] = hashlib.sha256(json.dumps(decided, sort_keys=True).encode()).hexdigest()
+    plan = shards.plan(len(prompts.ids) * g.num_samples, g.prompts_per_shard * g.num_samples, digits=5)
+    manifest |= {"num_shards": len(plan), "shards": shards.plan_entries(plan)}
+    return manifest
 
 
-def check_manifest(directory: Path, manifest: dict) -> None:
-    """Refuse a directory holding samples of other inputs, naming what differs."""
-    path = directory / MANIFEST
-    if not path.is_file():
-        return
-    old = json.loads(path.read_text())
-    differ = [k for k in DECISIVE if k != "policy_ranks" and old.get(k) != manifest.get(k)]
+def samples_at(store: Store, manifest: dict) -> shards.Dataset:
+    """The generated data set at `store` that `manifest` (as written there) describes."""
+    return shards.Dataset.from_manifest(store, KIND, manifest, SCHEMA)
+
+
+def open_samples(store: Store, manifest: dict) -> shards.Dataset:
+    """The generated data set at `store` for these inputs, created if absent; GeneratedMismatch,
+    naming what differs, if it holds samples of other inputs."""
+    old = shards.read_manifest(store)
+    if old is None:
+        shards.write_manifest(store, manifest)
+        return samples_at(store, manifest)
+    differ = shards.differing(old, manifest, [k for k in (*DECISIVE, "fingerprint") if k != "policy_ranks"])
     if differ:
-        raise GeneratedMismatch(f"{directory} holds samples of other inputs (they differ in: {', '.join(differ)}); "
+        raise GeneratedMismatch(f"{store} holds samples of other inputs (they differ in: {', '.join(differ)}); "
                                 "set generate.output_dir to another directory, or delete it")
-    missing = [i for i in range(manifest["num_shards"]) if not (directory / shard_name(i)).is_file()]
-    if missing and old.get("policy_ranks") != manifest["policy_ranks"]:
-        # A complete output is what it is, whatever the ranks now; a resumed one must draw as before.
-        raise GeneratedMismatch(f"{directory} was sampled on {old.get('policy_ranks')} policy rank(s) and "
-                                f"{len(missing)} shard(s) are missing: each rank draws its own samples, so set "
-                                f"policy.num_workers={old.get('policy_ranks')} to resume it, or use another "
-                                "generate.output_dir")
+    return samples_at(store, old)  # the first run's manifest: it says which ranks drew the samples
 
 
-def write_shard(directory: Path, index: int, rows: dict[str, list]) -> None:
-    """Written whole to a temporary name, then renamed: a shard file is always complete."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    final = directory / shard_name(index)
-    tmp = directory / f".{final.name}.{os.getpid()}.tmp"
-    pq.write_table(pa.table(rows), tmp)
-    os.replace(tmp, final)
+def check_ranks(samples: shards.Dataset, todo: list, ranks: int) -> None:
+    """A resumed output must be sampled on the ranks that drew its first shards."""
+    drawn_on = samples.manifest.get("policy_ranks")
+    if todo and drawn_on != ranks:
+        raise GeneratedMismatch(f"{samples.store} was sampled on {drawn_on} policy rank(s) and {len(todo)} shard(s) "
+                                f"are missing: each rank draws its own samples, so set policy.num_workers={drawn_on} "
+                                "to resume it, or use another generate.output_dir")
 
 
 def shard_rows(texts: list[str], first: int, samples: list[dict], num_samples: int, eos_id: int) -> dict[str, list]:
     """Columns of one shard from its samples (num_samples consecutive samples per prompt)."""
-    rows: dict[str, list] = {k: [] for k in ("prompt", "prompt_index", "sample", "completion",
-                                             "completion_tokens", "logprob", "finished")}
+    rows: dict[str, list] = {k: [] for k in SCHEMA.names}
     for i, s in enumerate(samples):
         index = first + i // num_samples
         rows["prompt"].append(texts[index])
@@ -163,66 +183,67 @@ def shard_rows(texts: list[str], first: int, samples: list[dict], num_samples: i
     return rows
 
 
-def run(cfg: RunConfig, console) -> Path:
-    """The CLI command -> the output directory, complete."""
+def sample_shards(cfg: RunConfig, policy, prompts: Prompts, samples: shards.Dataset, console,
+                  todo: list[shards.Shard] | None = None) -> None:
+    """The stage: sample the shards `todo` of `samples` (default: every missing or damaged one) on
+    `policy`, a started group of engine workers holding the generator (`generate` on its ranks)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    g = cfg.generate
+    todo = samples.missing() if todo is None else todo
+    sampling = g.sampling.model_dump(exclude={"seed"})
+    eos_id = samples.manifest["eos_token_id"]
+    columns = [TextColumn("[bold]generate"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[rate]} prompts/s"), TimeRemainingColumn()]
+    with Progress(*columns, console=console) as progress:
+        left = sum(s.num_rows for s in todo) // g.num_samples
+        bar = progress.add_task("generate", total=len(prompts.ids), completed=len(prompts.ids) - left, rate="-")
+        start, done = time.perf_counter(), 0
+        for shard in todo:
+            first, stop = shard.start // g.num_samples, shard.stop // g.num_samples
+            # Each prompt num_samples times in a row: the samples of one prompt stay together.
+            repeated = [p for p in prompts.ids[first:stop] for _ in range(g.num_samples)]
+            drawn = policy.split("generate", repeated, sampling, shard_seed(g.sampling.seed, shard.index))
+            samples.write(shard, pa.table(shard_rows(prompts.texts, first, drawn, g.num_samples, eos_id)))
+            done += stop - first
+            progress.update(bar, advance=stop - first, rate=f"{done / max(time.perf_counter() - start, 1e-9):.1f}")
+
+
+def run(cfg: RunConfig, console) -> str:
+    """The CLI command -> where the samples are (a local path or a store's URI), complete."""
     from prefopt.algorithms import stages
     from prefopt.cluster.engine_worker import EngineWorker
-    from prefopt.cluster.worker_group import WorkerGroup
     from prefopt.models import model_and_tokenizer
 
     g = cfg.generate
     stages.preflight(cfg, console, with_reference=False, tracking=False)
+    store = output_dir(cfg)
+    if not store.is_local:
+        stages.check_writable(store, "generate.output_dir")
     with console.status("model and tokenizer"):
         model_dir, tokenizer = model_and_tokenizer(cfg.model, local_dir_for(cfg.output_dir))
     with console.status("reading and tokenizing the prompts"):
-        texts, prompt_ids, data_fp = read_prompts(cfg, tokenizer)
-    directory = output_dir(cfg)
-    manifest = manifest_for(cfg, model_dir, tokenizer, data_fp, len(prompt_ids))
-    check_manifest(directory, manifest)
-    directory.mkdir(parents=True, exist_ok=True)
-    for tmp in directory.glob(".shard-*.tmp"):  # half-written by a killed run: never a shard
-        tmp.unlink(missing_ok=True)
-    if not (directory / MANIFEST).is_file():  # an existing one matches (checked) and records the first run
-        tmp = directory / f".{MANIFEST}.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
-        os.replace(tmp, directory / MANIFEST)
-
-    num_shards = manifest["num_shards"]
-    missing = [i for i in range(num_shards) if not (directory / shard_name(i)).is_file()]
-    console.print(f"generate: {len(prompt_ids)} prompts x {g.num_samples} samples in {num_shards} shard(s) "
-                  f"under {directory}" + (f"; {num_shards - len(missing)} already there" if len(missing) < num_shards
-                                          else ""))
-    if not missing:
-        return directory
+        prompts = read_prompts(cfg, tokenizer)
+    samples = open_samples(store, manifest_for(cfg, model_dir, tokenizer, prompts))
+    problems = samples.check()
+    for shard, why in problems.items():
+        if why != shards.ABSENT:
+            console.print(f"generate: {store / shard.file_name}: {why}; sampling it again", markup=False,
+                          highlight=False)
+    num_shards = len(samples.shards)
+    console.print(f"generate: {len(prompts.ids)} prompts x {g.num_samples} samples in {num_shards} shard(s) "
+                  f"under {store}" + (f"; {num_shards - len(problems)} already there" if len(problems) < num_shards
+                                      else ""))
+    if not problems:
+        return store.uri
+    check_ranks(samples, list(problems), cfg.policy.num_workers)
 
     stages.connect(cfg, with_reference=False)
-    with console.status(f"starting {cfg.policy.num_workers} policy worker(s) for sampling"):
-        group = WorkerGroup(EngineWorker, cfg.policy, cfg.cluster, name="policy", key="policy",
-                            init_args=(cfg.model_dump_json(),))
+    # Inference only: no optimizer, no data.
+    policy, _ = stages.start_group(cfg, "policy", console, EngineWorker, "build", str(model_dir), train=False)
     try:
-        group.call("build", str(model_dir), train=False)  # inference only: no optimizer, no data
-        sampling = g.sampling.model_dump(exclude={"seed"})
-        columns = [TextColumn("[bold]generate"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("{task.fields[rate]} prompts/s"), TimeRemainingColumn()]
-        with Progress(*columns, console=console) as progress:
-            todo = sum(len(range(i * g.prompts_per_shard, min((i + 1) * g.prompts_per_shard, len(prompt_ids))))
-                       for i in missing)
-            bar = progress.add_task("generate", total=len(prompt_ids), completed=len(prompt_ids) - todo, rate="-")
-            start, done = time.perf_counter(), 0
-            for index in missing:
-                first = index * g.prompts_per_shard
-                shard_prompts = prompt_ids[first : first + g.prompts_per_shard]
-                # Each prompt num_samples times in a row: the samples of one prompt stay together.
-                repeated = [p for p in shard_prompts for _ in range(g.num_samples)]
-                samples = group.split("generate", repeated, sampling, shard_seed(g.sampling.seed, index))
-                write_shard(directory, index, shard_rows(texts, first, samples, g.num_samples,
-                                                         tokenizer.eos_token_id))
-                done += len(shard_prompts)
-                progress.update(bar, advance=len(shard_prompts),
-                                rate=f"{done / max(time.perf_counter() - start, 1e-9):.1f}")
+        sample_shards(cfg, policy, prompts, samples, console, todo=list(problems))
     finally:
-        group.shutdown()
-    console.print(f"generated {len(prompt_ids) * g.num_samples} completions in {directory}")
-    return directory
+        policy.shutdown()
+    console.print(f"generated {len(prompts.ids) * g.num_samples} completions in {store}")
+    return store.uri

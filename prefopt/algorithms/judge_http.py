@@ -177,23 +177,17 @@ def first_of_two(logprob_a: float, logprob_b: float) -> float:
     return 1.0 / (1.0 + math.exp(-d)) if d >= 0 else math.exp(d) / (1.0 + math.exp(d))
 
 
-def score(judge: JudgeConfig, questions: Sequence[str], answers: Sequence[str], progress) -> list[float]:
+def score(judge: JudgeConfig, questions: Sequence[str], answers: Sequence[str]) -> list[float]:
     """p(answers[0]) / (p(answers[0]) + p(answers[1])) after each question, from the endpoint,
-    `judge.requests_in_flight` requests at a time. `progress(total)`: the caller's progress bar
-    (label's), a context giving add_task and advance."""
-    from concurrent.futures import ThreadPoolExecutor, as_completed
+    `judge.requests_in_flight` requests at a time."""
+    from concurrent.futures import ThreadPoolExecutor
 
     size = judge.questions_per_request
     chunks = [questions[s : s + size] for s in range(0, len(questions), size)]
-    done: dict[int, list[float]] = {}
-    with progress(len(questions)) as bar_owner, ThreadPoolExecutor(judge.requests_in_flight) as pool:
-        bar = bar_owner.add_task("label", total=len(questions))
-        futures = {pool.submit(_score_chunk, judge, chunk, answers): i for i, chunk in enumerate(chunks)}
+    with ThreadPoolExecutor(judge.requests_in_flight) as pool:
+        futures = [pool.submit(_score_chunk, judge, chunk, answers) for chunk in chunks]
         try:
-            for future in as_completed(futures):
-                done[futures[future]] = future.result()
-                bar_owner.advance(bar, len(done[futures[future]]))
+            return [p for future in futures for p in future.result()]
         except BaseException:
             pool.shutdown(wait=False, cancel_futures=True)  # the first error ends the run: send no more
             raise
-    return [p for i in range(len(chunks)) for p in done[i]]

@@ -35,7 +35,7 @@ def test_generate_resumes_label_scores_and_train_reads_the_pairs(tmp_path, tiny_
     from prefopt.algorithms import train
 
     cfg = config(tmp_path, tiny_model_dir)
-    out = generate.run(cfg, quiet())
+    out = Path(generate.run(cfg, quiet()))
     first = shards(out)
     assert list(first) == ["shard-00000.parquet", "shard-00001.parquet", "shard-00002.parquet"]  # 8 prompts, 3 a shard
     table = pq.read_table(out / "shard-00001.parquet").to_pydict()
@@ -57,7 +57,7 @@ def test_generate_resumes_label_scores_and_train_reads_the_pairs(tmp_path, tiny_
         generate.run(config(tmp_path, tiny_model_dir, "generate.num_samples=2"), quiet())
 
     # Label with the task's ground truth: all_pairs, the higher reward chosen.
-    pairs_file = label.run(cfg, quiet())
+    pairs_file = Path(label.run(cfg, quiet()))
     rows = [json.loads(line) for line in pairs_file.read_text().splitlines()]
     assert rows and all(set(r) == {"prompt", "chosen", "rejected"} for r in rows)
     from prefopt.tasks import get_task
@@ -108,7 +108,7 @@ def test_label_with_a_reward_model_of_its_own(tmp_path, tiny_model_dir, ray_loca
     with pytest.raises(label.LabelError, match="run prefopt generate first"):
         label.run(cfg, quiet())
     generate.run(cfg, quiet())
-    (generate.output_dir(cfg) / "shard-00001.parquet").unlink()
+    (generate.output_dir(cfg) / "shard-00001.parquet").delete()
     with pytest.raises(label.LabelError, match=r"shard-00001\.parquet.*run prefopt generate first"):
         label.run(cfg, quiet())
     generate.run(cfg, quiet())
@@ -121,7 +121,7 @@ def test_label_with_a_reward_model_of_its_own(tmp_path, tiny_model_dir, ray_loca
     by_model = config(tmp_path, tiny_model_dir, "data.num_examples=4", "generate.sampling.max_new_tokens=6",
                       "reward.source=model", f"reward.model_path={rm_dir}", "label.pairs=best_worst",
                       f"label.output_dir={tmp_path / 'by-model'}")
-    pairs_file = label.run(by_model, quiet())
+    pairs_file = Path(label.run(by_model, quiet()))
     rows = [json.loads(line) for line in pairs_file.read_text().splitlines()]
     assert 1 <= len(rows) <= 4 and all(set(r) == {"prompt", "chosen", "rejected"} for r in rows)
     scored = pq.read_table(pairs_file.parent / "scores.parquet").to_pydict()
@@ -176,11 +176,11 @@ def test_label_with_an_llm_judge(tmp_path, tiny_model_dir, ray_local):
     rating = config(tmp_path, tiny_model_dir, "data.num_examples=3", "generate.sampling.max_new_tokens=6", *judge,
                     "reward.judge.template=Start: {prompt} End: {completion} Good?", "label.pairs=scored",
                     f"label.output_dir={tmp_path / 'rating'}")
-    rated = pq.read_table(label.run(rating, quiet()).parent / "scores.parquet").to_pydict()["score"]
+    rated = pq.read_table(Path(label.run(rating, quiet())).parent / "scores.parquet").to_pydict()["score"]
     assert rated == pytest.approx([1 / (1 + math.exp(-3))] * 12, abs=1e-4)  # sigmoid(3): its taste for " A"
 
     pairwise = config(tmp_path, tiny_model_dir, "data.num_examples=3", "generate.sampling.max_new_tokens=6", *judge,
                       "reward.judge.mode=pairwise", "reward.judge.template=Start: {prompt} A: {a} B: {b} Which?",
                       "label.pairs=scored", f"label.output_dir={tmp_path / 'pairwise'}")
-    scored = pq.read_table(label.run(pairwise, quiet()).parent / "scores.parquet").to_pydict()["score"]
+    scored = pq.read_table(Path(label.run(pairwise, quiet())).parent / "scores.parquet").to_pydict()["score"]
     assert scored == pytest.approx([0.5] * 12, abs=1e-6)

@@ -10,15 +10,18 @@ import socket
 import time
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from judge_server import JudgeServer
 from rich.console import Console
 from typer.testing import CliRunner
 
+from prefopt import shards
 from prefopt.algorithms import generate, judge_http, label
 from prefopt.cli import app
 from prefopt.config import ConfigError, load_config
+from prefopt.storage import Store
 
 pytestmark = pytest.mark.integration
 
@@ -120,9 +123,12 @@ def test_a_served_position_preference_rates_alike_and_cancels_pairwise(tmp_path,
 
 def write_generated(directory: Path) -> None:
     """TABLE as the output of `prefopt generate`: what label reads."""
-    directory.mkdir(parents=True)
-    generate.write_shard(directory, 0, TABLE)
-    (directory / generate.MANIFEST).write_text(json.dumps({"num_shards": 1, "num_prompts": 2, "eos_token": "<|eos|>"}))
+    (shard,) = shards.plan(6, 6, digits=5)
+    manifest = {"fingerprint": "TABLE", "shards": shards.plan_entries([shard]), "num_shards": 1, "num_prompts": 2,
+                "eos_token": "<|eos|>"}
+    shards.write_manifest(Store.at(directory), manifest)
+    generate.samples_at(Store.at(directory), manifest).write(shard, pa.table(
+        {**TABLE, "completion_tokens": [5] * 6, "logprob": [-1.0] * 6, "finished": [True] * 6}))
 
 
 def invoke(*args: str):

@@ -14,11 +14,14 @@ import sys
 import time
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 from rich.console import Console
 
+from prefopt import shards
 from prefopt.algorithms import generate, label
 from prefopt.config import load_config
+from prefopt.storage import Store
 
 ROOT = Path(__file__).resolve().parents[2]
 ONPOLICY = ROOT / "configs/tiny/onpolicy.yaml"
@@ -55,7 +58,7 @@ def _rows(generated: Path) -> list[tuple[str, str]]:
 def test_label_resumes_from_its_score_shards_and_writes_what_an_uninterrupted_run_writes(
         tmp_path, tiny_model_dir, ray_local, capsys):
     cfg = config(tmp_path, tiny_model_dir)
-    generated = generate.run(cfg, Console(file=io.StringIO()))
+    generated = Path(generate.run(cfg, Console(file=io.StringIO())))
     assert len(list(generated.glob("shard-*.parquet"))) == 4
 
     straight = tmp_path / "straight"
@@ -92,12 +95,13 @@ def test_label_resumes_from_its_score_shards_and_writes_what_an_uninterrupted_ru
     rows = [json.loads(line) for line in (resumed / "pairs.jsonl").read_text().splitlines()]
     assert 1 <= len(rows) <= 8
 
-    # A regenerated shard is a miss, never a silent reuse: one completion of shard 1 changes; that
-    # shard is scored again, its unchanged completions found among the earlier scores.
-    shard1 = pq.read_table(generated / "shard-00001.parquet")
-    changed = shard1.to_pydict()
+    # A regenerated shard is a miss, never a silent reuse: one completion of shard 1 changes (written
+    # as generate writes a shard: with its checksum); that shard is scored again, its unchanged
+    # completions found among the earlier scores.
+    samples = generate.samples_at(Store.at(generated), json.loads((generated / generate.MANIFEST).read_text()))
+    changed = pq.read_table(generated / "shard-00001.parquet").to_pydict()
     changed["completion"][0] = " a wonderful, moving film"
-    pq.write_table(shard1.from_pydict(changed, schema=shard1.schema), generated / "shard-00001.parquet")
+    samples.write(samples.shards[1], pa.table(changed))
     printed, _ = labelled(tmp_path, tiny_model_dir, resumed)
     assert scored_shards(printed) == (1, 4, 1) and "7 repeats or found in the cache" in printed  # of its 8
     score1 = pq.read_table(resumed_cache / "shard-00001.parquet").to_pydict()
@@ -115,14 +119,17 @@ def write_generated(directory: Path, num_prompts: int = 2048, per_shard: int = 6
     that scoring it takes seconds."""
     rng = random.Random(0)
     words = "the film was great awful boring moving superb dreadful plot cast ending loved hated fine".split()
-    directory.mkdir(parents=True)
-    for i in range(num_prompts // per_shard):
-        index = [p for p in range(i * per_shard, (i + 1) * per_shard) for _ in range(samples)]
-        generate.write_shard(directory, i, {
+    plan = shards.plan(num_prompts * samples, per_shard * samples, digits=5)
+    manifest = {"fingerprint": "random words", "shards": shards.plan_entries(plan), "num_shards": len(plan),
+                "num_prompts": num_prompts, "eos_token": "</s>"}
+    shards.write_manifest(Store.at(directory), manifest)
+    data = generate.samples_at(Store.at(directory), manifest)
+    for shard in plan:
+        index = [p for p in range(shard.start // samples, shard.stop // samples) for _ in range(samples)]
+        data.write(shard, pa.table({
             "prompt": [f"Review {p}:" for p in index], "prompt_index": index, "sample": [0, 1, 2, 3] * per_shard,
-            "completion": [" " + " ".join(rng.choices(words, k=30)) for _ in index]})
-    (directory / generate.MANIFEST).write_text(json.dumps(
-        {"num_shards": num_prompts // per_shard, "num_prompts": num_prompts, "eos_token": "</s>"}))
+            "completion": [" " + " ".join(rng.choices(words, k=30)) for _ in index],
+            "completion_tokens": [30] * len(index), "logprob": [-1.0] * len(index), "finished": [True] * len(index)}))
 
 
 def test_a_killed_label_process_scores_only_the_missing_shards_next_time(tmp_path, capsys):

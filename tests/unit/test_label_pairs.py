@@ -131,21 +131,26 @@ def test_score_shard_looks_up_known_scores_and_scores_each_other_completion_once
 
 def test_score_cache_reuses_a_shard_only_for_the_same_completions(tmp_path):
     from prefopt.algorithms.label import ScoreCache, completion_key, scorer_fingerprint
+    from prefopt.shards import Shard
+    from prefopt.storage import Store
 
     task = {"source": "task", "task": "imdb_sentiment"}
-    cache = ScoreCache(tmp_path, task)
-    assert cache.directory == tmp_path / "scores" / scorer_fingerprint(task)[:16]
+    plan = [Shard(0, 0, 2, digits=5), Shard(1, 2, 4, digits=5)]  # the generated shards': two of 2 rows
+    cache = ScoreCache(Store.at(tmp_path), task, plan)
+    assert cache.directory.uri == str(tmp_path / "scores" / scorer_fingerprint(task)[:16])
     shard = {"prompt": ["A", "A"], "completion": [" x", " y"]}
     keys = [completion_key("A", " x"), completion_key("A", " y")]
-    assert cache.get("shard-00000.parquet", keys) is None
-    cache.put("shard-00000.parquet", shard, keys, [0.25, 0.5])
-    assert ScoreCache(tmp_path, task).get("shard-00000.parquet", keys) == [0.25, 0.5]
-    assert cache.get("shard-00000.parquet", keys[::-1]) is None  # other completions (or order): a miss
-    assert cache.get("shard-00000.parquet", [completion_key("A", " x"), completion_key("A", " w")]) is None
+    assert cache.get(plan[0], keys) is None
+    cache.put(plan[0], shard, keys, [0.25, 0.5])
+    assert ScoreCache(Store.at(tmp_path), task, plan).get(plan[0], keys) == [0.25, 0.5]
+    assert cache.get(plan[0], keys[::-1]) is None  # other completions (or order): a miss
+    assert cache.get(plan[0], [completion_key("A", " x"), completion_key("A", " w")]) is None
     assert cache.known() == dict(zip(keys, [0.25, 0.5], strict=True))
-    (cache.directory / "shard-00001.parquet").write_bytes(b"PAR1 cut short")  # unreadable: a miss
-    assert cache.get("shard-00001.parquet", keys) is None and len(cache.known()) == 2
+    (tmp_path / "scores" / cache.directory.name / "shard-00001.parquet").write_bytes(b"PAR1 cut short")
+    again = ScoreCache(Store.at(tmp_path), task, plan)  # unreadable: a miss, said as damaged
+    assert again.get(plan[1], keys) is None and len(again.known()) == 2
+    assert list(again.damaged()) == [plan[1]] and again.damaged()[plan[1]].startswith("unreadable, truncated")
     # Another scorer: another directory, the first one's scores untouched.
-    other = ScoreCache(tmp_path, {**task, "task": "other"})
-    assert other.directory != cache.directory and other.get("shard-00000.parquet", keys) is None
+    other = ScoreCache(Store.at(tmp_path), {**task, "task": "other"}, plan)
+    assert other.directory != cache.directory and other.get(plan[0], keys) is None
     assert scorer_fingerprint({"b": 1, "a": [1, 2]}) == scorer_fingerprint({"a": [1, 2], "b": 1})  # canonical
