@@ -146,8 +146,21 @@ def test_git_commit_is_none_outside_a_checkout(tmp_path):
     from prefopt.tracking.tracker import git_commit
 
     assert git_commit(tmp_path) is None
-    commit = git_commit()  # this checkout (if it is one): 40 hex digits
-    assert commit is None or (len(commit) == 40 and int(commit, 16) >= 0)
+    # The package's own checkout: the HEAD git itself reports there (None when not a checkout).
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    import prefopt
+
+    commit = git_commit()
+    if shutil.which("git") is None:
+        assert commit is None
+        return
+    package = Path(prefopt.__file__).resolve().parent
+    head = subprocess.run(["git", "-C", str(package), "rev-parse", "HEAD"], capture_output=True, text=True)
+    assert commit == (head.stdout.strip() if head.returncode == 0 else None)
+    assert commit is None or len(commit) == 40
 
 
 # ----------------------------------------------------------------- report files
