@@ -444,3 +444,29 @@ def test_changed_and_truncated_shards_on_an_object_store_like_filesystem():
         assert all(np.array_equal(got[r], values[r]) for r in ROLES)
     finally:
         memory.rm(root.split("/")[0], recursive=True)
+
+
+def test_changed_and_truncated_shards_on_a_real_s3_server(s3):
+    # The tests' S3-compatible server (tests/s3_server.py): move is a server-side copy there.
+    root = s3.bucket(f"b-{uuid.uuid4().hex[:8]}") + "/refcache"
+    cache = RefCache.open(root, PARTS, num_rows=12, roles=ROLES, shard_rows=4)
+    assert cache.uri.startswith(f"{root}/")
+    values = logps(12)
+    fill(cache, values)
+    assert cache.check() == {}
+    fs, path = pafs.FileSystem.from_uri(cache.uri)
+    changed, truncated = (f"{path}/{cache.shards()[i].file_name}" for i in (0, 2))
+    change_one_value(lambda: pq.read_table(changed, filesystem=fs), lambda t: pq.write_table(t, changed, filesystem=fs))
+    with fs.open_input_stream(truncated) as f:
+        data = f.read()
+    with fs.open_output_stream(truncated) as f:
+        f.write(data[:-10])
+    problems = open_cache(root, num_rows=12).check()  # another run, on the same store
+    assert list(problems) == [Shard(0, 0, 4), Shard(2, 8, 12)]
+    assert problems[Shard(0, 0, 4)].startswith("checksum mismatch")
+    assert problems[Shard(2, 8, 12)].startswith("unreadable, truncated or not Parquet")
+    with pytest.raises(RefCacheIncomplete, match="2 of 3 shards to compute"):
+        cache.read()
+    fill(cache, values, cache.missing_shards())
+    assert all(np.array_equal(cache.read()[r], values[r]) for r in ROLES)
+    assert not [info for info in fs.get_file_info(pafs.FileSelector(path)) if info.base_name.endswith(".tmp")]
