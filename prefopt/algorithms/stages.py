@@ -1,20 +1,19 @@
-"""The stages every controller is built from, each once.
+"""The stages every controller is built from, each once; a Session (session.py) calls them.
 
-    preflight(cfg, console, ...)                   seconds-long checks before anything starts
-    run = open_run(cfg, resume)                    output_dir, the newest complete checkpoint
+    preflight(cfg, console)                        seconds-long checks before anything starts
+    run = open_run(cfg, resume)                    output_dir, the newest complete checkpoint (checkpoints.py)
     inputs = prepare_inputs(cfg, console)          model dir, tokenizer, tokenized data
     connect(cfg)                                   local Ray, or the cluster at cluster.address
-    ref = start_reference(cfg, inputs, console)    the reference role's group
-    cache = fill_reference_cache(...)              RefCache hit, or computed on `ref`
-    policy, infos = start_policy(...)              the policy role's group, built and resumed
-    run_steps(cfg, steps_on(policy), saver(policy, run), run, tracker, ...)
+    group, infos = start_group(cfg, role, ...)     a role's ranks, set up
+    cache = fill_reference_cache(...)              RefCache hit, or computed on the reference (precompute_ref.py)
+    run_steps(cfg, steps_on(policy), save, run, tracker, ...)
                                                    the loop: calls of several steps, logging,
                                                    the health guard, checkpoints, evaluations
     save_ranks(group, run, step, part)             every rank of a group saves its part
     write_state(run, step, state)                  then the marker file: the checkpoint is complete
     export(policy, run)                            a plain Hugging Face directory
 
-A controller (prefopt.algorithms.offline, reward_model, ppo; ReST next) is a loop over these.
+Which roles a run has is the algorithm spec's to say (prefopt.algorithm_spec), never a stage's.
 """
 
 from __future__ import annotations
