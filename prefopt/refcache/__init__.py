@@ -34,8 +34,9 @@ checksum), missing_shards() (the shards of check()), is_complete(), verify() (Re
 unless every shard verifies), write_shard(shard, values), read() (verifies each shard as it reads
 it; RefCacheIncomplete, naming each absent or failing shard, if any).
 
-Modules: fingerprint (parts, weights hash and its cost), store (layout, atomic shard writes and
-why they are atomic on object stores too, checksums and what verification costs).
+Modules: fingerprint (parts, weights hash and its cost), store (layout, manifest checks). The
+shards themselves are a `prefopt.shards` data set: atomic writes and why they are atomic on
+object stores too, checksums and what verification costs are said there.
 """
 
 from prefopt.refcache.fingerprint import PART_NAMES, fingerprint_parts, weights_fingerprint
