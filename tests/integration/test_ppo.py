@@ -158,7 +158,23 @@ def test_killed_ppo_run_resumes_to_the_same_final_metrics(tmp_path, tiny_model_d
 
 
 @pytest.mark.parametrize("advantage", ["rloo", "grpo"])
-def test_critic_free_estimators_run_without_a_critic(tmp_path, tiny_model_dir, ray_local, advantage):
+def test_critic_free_estimators_run_without_a_critic(tmp_path, tiny_model_dir, ray_local, advantage, monkeypatch):
+    from prefopt.losses import ppo as L
+
+    # Watch the controller's advantages (computed in this process): which estimator ran, on what.
+    calls = []
+    estimator = getattr(L, f"{advantage}_advantages")
+
+    def watched(scores, k, *args, **kwargs):
+        out = estimator(scores, k, *args, **kwargs)
+        calls.append((scores.clone(), k, out.clone()))
+        return out
+
+    def no_gae(*args, **kwargs):
+        raise AssertionError("GAE ran in a critic-free run")
+
+    monkeypatch.setattr(L, f"{advantage}_advantages", watched)
+    monkeypatch.setattr(L, "gae", no_gae)
     cfg = ppo_config(tmp_path, tiny_model_dir, *FAST, "train.max_steps=2", f"ppo.advantage={advantage}",
                      "ppo.samples_per_prompt=4", "ppo.rollout_prompts=2")
     train(cfg, quiet())
@@ -167,6 +183,23 @@ def test_critic_free_estimators_run_without_a_critic(tmp_path, tiny_model_dir, r
     assert "ppo/value_loss" not in metrics[-1] and "ppo/time/critic_update" not in metrics[-1]
     assert not (tmp_path / "checkpoints/step2/critic").exists()
     assert metrics[-1]["ppo/approx_kl"] > 0  # the policy moved
+    # No values anywhere (only a critic's run logs them), and the estimator ran once per iteration
+    # on 2 prompts x 4 samples: RLOO's advantages sum to 0 over each prompt's samples (each is its
+    # score minus its siblings' mean); GRPO's have mean 0 and standard deviation 1 in each group
+    # whose scores differ (a group of equal scores divides float noise by eps: left out).
+    assert not any({"ppo/value_mean", "ppo/explained_variance"} & m.keys() for m in metrics)
+    assert [(scores.shape, k) for scores, k, _ in calls] == [(torch.Size([8]), 4)] * 2
+    for scores, _, advantages in calls:
+        groups, per_prompt = scores.reshape(2, 4), advantages.reshape(2, 4)
+        if advantage == "rloo":  # r_i − mean of the other three, worked out here
+            torch.testing.assert_close(per_prompt.sum(1), torch.zeros(2), atol=1e-5, rtol=0)
+            torch.testing.assert_close(per_prompt, groups - (groups.sum(1, keepdim=True) - groups) / 3)
+        else:
+            spread = groups.std(1) > 1e-2
+            torch.testing.assert_close(per_prompt[spread].mean(1), torch.zeros(int(spread.sum())), atol=1e-5, rtol=0)
+            torch.testing.assert_close(per_prompt[spread].std(1), torch.ones(int(spread.sum())), atol=1e-4, rtol=0)
+    if advantage == "grpo":  # at least one group had something to rank, or the check above was empty
+        assert any((scores.reshape(2, 4).std(1) > 1e-2).any() for scores, _, _ in calls)
 
 
 def test_ppo_on_a_trained_reward_model(tmp_path, tiny_model_dir, ray_local):
