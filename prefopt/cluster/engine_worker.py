@@ -271,6 +271,8 @@ class EngineWorker:
             return files_written(Path(local) / tag, self.rank)
 
     def load_checkpoint(self, directory: str, tag: str) -> dict:
+        """Load this rank's part of checkpoint `directory/tag`, whose files the driver verified
+        before any group started (prefopt.algorithms.checkpoints). -> the client state."""
         from prefopt.storage import loading_from
 
         with loading_from(directory, tag, self.rank) as local:
