@@ -220,6 +220,7 @@ class Scorer:
     def shutdown(self) -> None:
         if self.group is not None:
             self.group.shutdown()
+            self.group = None
         if self._http is not None:
             self._http.shutdown(wait=False, cancel_futures=True)
 
