@@ -236,19 +236,29 @@ def localize(where: str | os.PathLike) -> Path:
     target = cache_root() / "store" / f"{store.name}-{key}"
     if (target / _COMPLETE).is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".tmp-{uuid.uuid4().hex}"
-    try:
+    with building_dir(target, complete=lambda done: (done / _COMPLETE).is_file()) as tmp:
         store.download(tmp)
         (tmp / _COMPLETE).write_text(store.uri)
+    return target
+
+
+@contextmanager
+def building_dir(target: Path, complete: Callable[[Path], bool]) -> Iterator[Path]:
+    """A fresh local directory beside `target`, renamed to it when the block ends without error:
+    readers never see a half-built directory, and a process that loses a race to build the same
+    target (`complete(target)` true when it looks) drops its own copy."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".tmp-{uuid.uuid4().hex}"
+    tmp.mkdir()
+    try:
+        yield tmp
         try:
             os.rename(tmp, target)
-        except OSError:  # another process on this node finished the same copy first
-            if not (target / _COMPLETE).is_file():
+        except OSError:  # another process finished the same directory first
+            if not complete(target):
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 def publish(local: Path, where: Store) -> str:

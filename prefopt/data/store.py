@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +25,7 @@ import pyarrow as pa
 
 from prefopt.data.formats import format_kind
 from prefopt.data.report import DataReport
+from prefopt.storage import building_dir
 
 MANIFEST = "manifest.json"
 EXAMPLES = "examples.arrow"
@@ -111,19 +110,11 @@ def write(out_dir: Path, table: pa.Table, manifest: dict) -> Path:
     final = out_dir / f"tokenized-{manifest['fingerprint'][:16]}"
     if (final / MANIFEST).is_file():
         return final
-    out_dir.mkdir(parents=True, exist_ok=True)
-    # Write beside the target, then rename: readers never see a half-written directory, and a
-    # process that loses a race to write the same fingerprint just discards its copy.
-    tmp = out_dir / f".tmp-{uuid.uuid4().hex}"
-    tmp.mkdir()
-    try:
+    # Written beside the target, then renamed (prefopt.storage.building_dir): readers never see a
+    # half-written directory, and a process that loses a race to write the same fingerprint
+    # just discards its copy.
+    with building_dir(final, complete=lambda done: (done / MANIFEST).is_file()) as tmp:
         with pa.OSFile(str(tmp / EXAMPLES), "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
             w.write_table(table)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        os.rename(tmp, final)
-    except OSError:
-        if not (final / MANIFEST).is_file():
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return final
