@@ -42,7 +42,20 @@ def test_tiny_config_trains(name, tmp_path, tiny_model_dir, ray_local):
     assert len(metrics) == 3 and all(math.isfinite(m["loss"]) for m in metrics)
     if name in FIRST_LOSS:
         assert metrics[0]["loss"] == pytest.approx(FIRST_LOSS[name], abs=1e-4)
+        # ... and every reward β·(π − r) is 0 there; three steps later the policy has left its reference.
+        first, last = metrics[0], metrics[-1]
+        for key in ("rewards/chosen", "rewards/rejected"):
+            assert first.get(key, 0.0) == pytest.approx(0.0, abs=1e-4), (key, first)
+        assert max(abs(last.get(key, 0.0)) for key in ("rewards/chosen", "rewards/rejected")) > 1e-4, last
     assert metrics[-1]["loss"] != metrics[0]["loss"]
+    # The exported policy is the trained one: every weight finite, and not the model it started from.
+    from safetensors.torch import load_file
+
+    started, trained = load_file(Path(tiny_model_dir) / "model.safetensors"), load_file(
+        Path(result.model_dir) / "model.safetensors")
+    assert started.keys() == trained.keys()
+    assert all(t.isfinite().all() for t in trained.values())
+    assert max((trained[k].float() - started[k].float()).abs().max().item() for k in started) > 0
     # One reference group per run, for the evaluation's KL (and the loss's cache where needed).
     assert reference_actors(ray_local) - before == cfg.ref.num_workers
     assert (tmp_path / "refcache").exists() == (name not in REFERENCE_FREE)
