@@ -154,3 +154,33 @@ def test_a_changed_or_truncated_score_shard_on_s3_is_scored_again(tmp_path, s3):
     assert shards.Dataset(cache, label.SCORES_KIND, label.scorer_fingerprint(label.scorer_description(cfg)),
                           generate.samples_at(Store.at(generated), json.loads(
                               (generated / "manifest.json").read_text())).shards).check() == {}
+
+
+def test_sampling_is_a_stage_on_a_started_policy_group_and_the_command_finishes_what_it_left(
+        tmp_path, tiny_model_dir, ray_local):
+    """What a multi-round controller does: its own policy group samples one shard through the
+    stage, as a run killed after its first shard leaves it; `prefopt generate` samples the rest."""
+    from prefopt.algorithms import stages
+    from prefopt.cluster.engine_worker import EngineWorker
+    from prefopt.models import model_and_tokenizer
+
+    cfg = load_config(ONPOLICY, [f"model.path={tiny_model_dir}", f"output_dir={tmp_path / 'run'}", *SETS])
+    console = Console(file=io.StringIO(), width=400)
+    model_dir, tokenizer = model_and_tokenizer(cfg.model, tmp_path / "work")
+    prompts = generate.read_prompts(cfg, tokenizer)
+    samples = generate.open_samples(generate.output_dir(cfg), generate.manifest_for(cfg, model_dir, tokenizer, prompts))
+    policy, _ = stages.start_group(cfg, "policy", console, EngineWorker, "build", str(model_dir), train=False)
+    try:
+        generate.sample_shards(cfg, policy, prompts, samples, console, todo=samples.shards[:1])
+    finally:
+        policy.shutdown()
+    assert list(samples.check()) == samples.shards[1:]
+    out = Path(samples.store.uri)
+    kept = (out / "shard-00000.parquet").stat().st_mtime_ns
+
+    console = Console(file=io.StringIO(), width=400)
+    generate.run(cfg, console)
+    assert "1 already there" in console.file.getvalue()
+    assert (out / "shard-00000.parquet").stat().st_mtime_ns == kept and samples.check() == {}
+    table = pq.read_table(out / "shard-00002.parquet").to_pydict()
+    assert table["prompt_index"] == [i for i in (6, 7) for _ in range(4)] and table["prompt"][0] == prompts.texts[6]
