@@ -54,7 +54,13 @@ def role_config(cfg: RunConfig, name: str) -> RoleConfig:
 
 
 REFERENCE = Role("reference", "prefopt.workers.reference:ReferenceWorker")
-REWARD_MODEL_SCORER = Role("reward", "prefopt.workers.reward:RewardWorker", head="scalar")
+# `prefopt generate` samples on the policy's ranks with the plain engine worker (no optimizer, no data).
+SAMPLER = Role("policy", "prefopt.cluster.engine_worker:EngineWorker")
+
+
+def reward_role(cfg: RunConfig) -> Role:
+    """What scores on ranks (prefopt.algorithms.scoring): a reward model (scalar head) or a judge (a causal LM)."""
+    return Role("reward", "prefopt.workers.reward:RewardWorker", head="scalar" if cfg.reward.source == "model" else "lm")
 
 
 @dataclass(frozen=True)
@@ -140,7 +146,7 @@ def _ppo_roles(cfg: RunConfig) -> list[Role]:
     if cfg.ppo.advantage == "gae":
         roles.append(Role("critic", "prefopt.workers.ppo:CriticWorker", head="scalar", trains=True))
     if cfg.reward.source == "model":
-        roles.append(REWARD_MODEL_SCORER)
+        roles.append(reward_role(cfg))
     return roles
 
 

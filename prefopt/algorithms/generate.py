@@ -211,12 +211,12 @@ def sample_shards(cfg: RunConfig, policy, prompts: Prompts, samples: shards.Data
 
 def run(cfg: RunConfig, console) -> str:
     """The CLI command -> where the samples are (a local path or a store's URI), complete."""
+    from prefopt.algorithm_spec import SAMPLER
     from prefopt.algorithms import stages
-    from prefopt.cluster.engine_worker import EngineWorker
     from prefopt.models import model_and_tokenizer
 
     g = cfg.generate
-    stages.preflight(cfg, console, with_reference=False, tracking=False)
+    stages.preflight(cfg, console, roles=[SAMPLER], tracking=False)
     store = output_dir(cfg)
     if not store.is_local:
         stages.check_writable(store, "generate.output_dir")
@@ -238,9 +238,9 @@ def run(cfg: RunConfig, console) -> str:
         return store.uri
     check_ranks(samples, list(problems), cfg.policy.num_workers)
 
-    stages.connect(cfg, with_reference=False)
+    stages.connect(cfg, roles=[SAMPLER])
     # Inference only: no optimizer, no data.
-    policy, _ = stages.start_group(cfg, "policy", console, EngineWorker, "build", str(model_dir), train=False)
+    policy, _ = stages.start_group(cfg, "policy", console, SAMPLER.worker_class(), "build", str(model_dir), train=False)
     try:
         sample_shards(cfg, policy, prompts, samples, console, todo=list(problems))
     finally:

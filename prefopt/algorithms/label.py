@@ -42,7 +42,6 @@ from prefopt.algorithms.scoring import (
     RewardSettingsError,
     Scorer,
     check_reward,
-    check_reward_model,  # noqa: F401  (ppo.py imports it from here)
     pairwise_scores,  # noqa: F401  (label's callers and tests know it from here)
     start_scorer,
 )

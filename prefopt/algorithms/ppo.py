@@ -150,48 +150,11 @@ def minibatch_plan(seed: int, step: int, n: int, minibatch: int, epochs: int) ->
 # ----------------------------------------------------------------------------- the roles
 
 
-class TaskReward:
-    """The built-in task's ground truth, on the controller (PPO-GT)."""
-
-    def __init__(self, cfg: RunConfig):
-        from prefopt.tasks import get_task
-
-        self.task = get_task(cfg.data.task)
-
-    def __call__(self, prompts: list[str], completions: list[str]) -> list[float]:
-        return [float(x) for x in self.task.reward(prompts, completions)]
-
-    def shutdown(self) -> None:
-        pass
-
-
-class ModelReward:
-    """A trained reward model on the reward role's ranks, reading text with its own tokenizer."""
-
-    def __init__(self, cfg: RunConfig, console):
-        self.group = stages.start_reward(cfg, console)
-
-    def split_async(self, prompts: list[str], completions: list[str]):
-        """One reward per completion, computing on the ranks: `.wait()` gives them (a SplitCall)."""
-        items = [{"prompt": p, "completion": c} for p, c in zip(prompts, completions, strict=True)]
-        return self.group.split_async("score_texts", items)
-
-    def shutdown(self) -> None:
-        self.group.shutdown()
-
-
 def check_ppo(cfg: RunConfig) -> Batches:
     """PPO's own checks, before anything starts."""
-    from prefopt.algorithms.label import check_reward_model
+    from prefopt.algorithms.scoring import check_reward
 
-    if cfg.reward.source == "judge":
-        raise stages.PreflightError("reward.source: judge scores with prefopt label; PPO takes reward.source: task "
-                                    "(the task's ground truth) or model (a trained reward model)")
-    if cfg.reward.source == "task" and cfg.data.task is None:
-        raise stages.PreflightError("reward.source: task needs a built-in task (data.task); or use reward.source: "
-                                    "model with reward.model_path")
-    if cfg.reward.source == "model":
-        check_reward_model(cfg.reward.model_path)
+    check_reward(cfg, for_ppo=True)
     return batches(cfg)
 
 
@@ -211,6 +174,7 @@ def schedules(cfg: RunConfig, b: Batches) -> tuple[dict, dict]:
 def train(cfg: RunConfig, console, *, resume: bool | None = None) -> TrainResult:
     import ray
 
+    from prefopt.algorithms.scoring import start_scorer
     from prefopt.cluster.worker_group import as_completed
     from prefopt.losses.ppo import kl_controller
     from prefopt.workers.trainer import mean_metrics
@@ -226,7 +190,7 @@ def train(cfg: RunConfig, console, *, resume: bool | None = None) -> TrainResult
         prompt_ids = s.inputs.data.table["prompt_ids"].to_pylist()
         eos = s.inputs.tokenizer.eos_token_id
         reference = s.start_reference()
-        reward = TaskReward(cfg) if cfg.reward.source == "task" else s.own(ModelReward(cfg, console))
+        scorer = s.own(start_scorer(cfg, console))  # the task's truth here, or a reward model on its ranks
         evaluator = s.evaluator()
         kl = kl_controller(p.kl_coef, p.kl_target, p.kl_horizon)
         if s.run.checkpoint is not None:
@@ -268,12 +232,8 @@ def train(cfg: RunConfig, console, *, resume: bool | None = None) -> TrainResult
                 calls = {"reference": reference.split_async("score", items)}
                 if critic is not None:
                     calls["values"] = critic.split_async("score", items)
+                calls["reward"] = scorer.score_async(*texts)  # a task's scores compute here, meanwhile
                 scored = {"values": None}
-                if cfg.reward.source == "model":
-                    calls["reward"] = reward.split_async(*texts)
-                else:
-                    scored["reward"] = reward(*texts)
-                    within["ppo/time/reward"] = time.perf_counter() - clock
                 for name, result in as_completed(calls):
                     scored[name] = result
                     within[f"ppo/time/{name}"] = time.perf_counter() - clock

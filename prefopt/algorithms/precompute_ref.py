@@ -98,10 +98,11 @@ def fill_reference_cache(cfg: RunConfig, inputs, console, start_reference):
 def precompute(cfg: RunConfig, reference_dir: Path, tokenizer, data, console):
     """-> a complete RefCache of `data` under the reference at `reference_dir`, every shard
     verified, on a reference group of its own (started only when something is missing)."""
+    from prefopt.algorithm_spec import REFERENCE
     from prefopt.algorithms import stages
 
     inputs = stages.Inputs(Path(reference_dir), tokenizer, data)
-    stages.connect(cfg, with_reference=True)
+    stages.connect(cfg, roles=[REFERENCE])
     groups = []
 
     def start_reference():
@@ -117,13 +118,14 @@ def precompute(cfg: RunConfig, reference_dir: Path, tokenizer, data, console):
 
 def run(cfg: RunConfig, console) -> None:
     """The CLI command: prepare the data, then fill the cache."""
+    from prefopt.algorithm_spec import REFERENCE
     from prefopt.algorithms import stages
     from prefopt.losses import needs_reference
 
     if not needs_reference(cfg.algorithm.name, **cfg.algorithm.loss_params()):
         console.print(f"algorithm {cfg.algorithm.name} needs no reference model: nothing to precompute")
         return
-    stages.preflight(cfg, console, with_reference=True, tracking=False)
+    stages.preflight(cfg, console, roles=[REFERENCE], tracking=False)
     inputs = stages.prepare_inputs(cfg, console)
     cache = precompute(cfg, inputs.reference_dir(cfg), inputs.tokenizer, inputs.data, console)
     console.print(f"reference cache complete: {cache.uri} ({inputs.data.num_rows} rows, roles "

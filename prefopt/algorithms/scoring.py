@@ -55,31 +55,16 @@ def check_reward(cfg: RunConfig, for_ppo: bool) -> None:
 
         judge_http.check_endpoint(cfg.reward.judge)
     elif source == "judge":
-        _model_config(cfg.reward.model_path, "; the judge is a causal LM")
+        from prefopt.models.model_dir import model_config
 
-
-def _model_config(model_path: str, why: str = "") -> dict:
-    from prefopt.storage import Store
-
-    config_file = Store.at(model_path) / "config.json"
-    if not config_file.is_file():
-        raise RewardSettingsError(f"reward.model_path: {model_path} is not a Hugging Face model directory "
-                                  f"(no config.json){why}")
-    return json.loads(config_file.read_text())
+        model_config(cfg.reward.model_path, "reward.model_path (the judge, a causal LM)", RewardSettingsError)
 
 
 def check_reward_model(model_path: str) -> dict:
     """The reward model's config.json; refuses a directory without a one-output scalar head."""
-    config = _model_config(model_path)
-    architectures = config.get("architectures") or []
-    if not any(a.endswith("ForSequenceClassification") for a in architectures):
-        raise RewardSettingsError(f"reward.model_path: {model_path} holds no scalar head (architectures "
-                                  f"{', '.join(architectures) or 'none'}; a reward model is a "
-                                  "...ForSequenceClassification, e.g. the export of algorithm reward_model)")
-    labels = len(config.get("id2label") or {}) or config.get("num_labels", 1)
-    if labels != 1:
-        raise RewardSettingsError(f"reward.model_path: {model_path} has {labels} labels; a reward model has one")
-    return config
+    from prefopt.models.model_dir import check_reward_model as check
+
+    return check(model_path, "reward.model_path", RewardSettingsError)
 
 
 # ----------------------------------------------------------------------------- what the scores depend on
@@ -121,6 +106,8 @@ def needs_ranks(cfg: RunConfig) -> bool:
 class Ready:
     """Scores computed already (a task's, on the controller)."""
 
+    refs = ()  # nothing in flight (prefopt.cluster.worker_group.as_completed yields it at once)
+
     def __init__(self, scores: list[float]):
         self.scores = scores
 
@@ -133,6 +120,11 @@ class Then:
 
     def __init__(self, pending, then: Callable[[list], list[float]] = list):
         self.pending, self.then = pending, then
+
+    @property
+    def refs(self) -> list:
+        """The Ray refs of a split call in flight, so as_completed can wait on it with others."""
+        return getattr(self.pending, "refs", [])
 
     def wait(self) -> list[float]:
         done = self.pending.result() if isinstance(self.pending, Future) else self.pending.wait()
@@ -237,10 +229,11 @@ def start_scorer(cfg: RunConfig, console, lazy: bool = False) -> Scorer:
     are checked by check_reward, before."""
     if not needs_ranks(cfg):
         return Scorer(cfg)
+    from prefopt.algorithm_spec import reward_role
     from prefopt.algorithms import stages
 
     def start_group():
-        stages.connect(cfg, with_reference=False)  # nothing to do when connected already
+        stages.connect(cfg, roles=[reward_role(cfg)])  # nothing to do when connected already
         return stages.start_reward(cfg, console, "scalar" if cfg.reward.source == "model" else "lm")
 
     scorer = Scorer(cfg, start_group)

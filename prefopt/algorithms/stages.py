@@ -101,19 +101,15 @@ def data_for_ranks(cfg: RunConfig, data) -> str:
     return publish(data.path, Store.at(cfg.output_dir) / "data" / data.path.name)
 
 
-def _placements(cfg: RunConfig, roles, with_reference: bool | None) -> list:
+def _placements(cfg: RunConfig, roles) -> list:
     """(name, section, RoleConfig) of `roles` (prefopt.algorithm_spec.Role), by default every
-    role the algorithm starts. with_reference=False: the policy alone (generate's and label's
-    old calls; they pass roles now)."""
-    from prefopt.algorithm_spec import placements, spec_for
+    role the algorithm starts."""
+    from prefopt.algorithm_spec import placements
 
-    if roles is None and with_reference is False:
-        roles = [spec_for(cfg).role(cfg, "policy")]
     return placements(cfg, roles)
 
 
-def preflight(cfg: RunConfig, console, *, roles=None, tracking: bool = True,
-              with_reference: bool | None = None) -> None:
+def preflight(cfg: RunConfig, console, *, roles=None, tracking: bool = True) -> None:
     """What can be checked in seconds, before Ray, data or caches: paths that must exist, the
     dtype on the device, the tracking store, and, for a local instance, whether this machine has
     what the roles ask for (a remote cluster is checked on connect). roles: the
@@ -124,7 +120,7 @@ def preflight(cfg: RunConfig, console, *, roles=None, tracking: bool = True,
     from prefopt.cluster.worker_group import check_fit_together, check_fits
     from prefopt.models.model_dir import model_config
 
-    placed = _placements(cfg, roles, with_reference)
+    placed = _placements(cfg, roles)
     critic_path = cfg.critic.model_path if any(name == "critic" for name, _, _ in placed) else None
     for field, path in (("model.path", cfg.model.path), ("ref.model_path", cfg.ref.model_path),
                         ("critic.model_path", critic_path)):
@@ -155,7 +151,7 @@ def preflight(cfg: RunConfig, console, *, roles=None, tracking: bool = True,
                                      f"has {cores} cores; lower {key}.cpus_per_worker")
             check_fits(name, key, role, nodes=[here])
         check_fit_together(together(cfg, placed), nodes=[here])
-        busy = busy_cpus(cfg) if roles is None and with_reference is None else cpus_of(placed)
+        busy = busy_cpus(cfg) if roles is None else cpus_of(placed)
         if busy > cores:
             console.print(f"[yellow]warning:[/] the ranks that compute together ask for {busy:g} CPUs and this "
                           f"machine has {cores}: they will share cores and each run slower (lower "
@@ -194,13 +190,13 @@ def check_writable(store: Store, field: str) -> None:
         raise PreflightError(f"{field}: cannot write to {store.uri}: {reason}") from None
 
 
-def connect(cfg: RunConfig, *, roles=None, with_reference: bool | None = None) -> None:
+def connect(cfg: RunConfig, *, roles=None) -> None:
     """Start a local Ray (sized for `roles`, by default the algorithm's) or join cluster.address;
     a remote cluster is checked against the roles."""
     from prefopt.cluster.ray_setup import connect as ray_connect
     from prefopt.cluster.worker_group import check_fit_together, check_fits
 
-    placed = _placements(cfg, roles, with_reference)
+    placed = _placements(cfg, roles)
     ray_connect(cfg.cluster, [role for _, _, role in placed])
     if cfg.cluster.address is not None:
         for name, key, role in placed:

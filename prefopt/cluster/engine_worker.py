@@ -57,8 +57,9 @@ def has_scalar_head(model_dir: str) -> bool:
     """Whether the directory holds a trained ...ForSequenceClassification (a reward model)."""
     import json
 
-    architectures = json.loads((Path(model_dir) / "config.json").read_text()).get("architectures") or []
-    return any(a.endswith("ForSequenceClassification") for a in architectures)
+    from prefopt.models import model_dir as checks
+
+    return checks.has_scalar_head(json.loads((Path(model_dir) / "config.json").read_text()))
 
 
 def load_model(model_dir: str, head: Head, dtype: torch.dtype):
@@ -228,6 +229,7 @@ class EngineWorker:
         (KL estimates, PPO's ratios); a scalar head gives the value of the state before each
         token (a critic; a reward model reads the last one)."""
         from prefopt.data.collate import pad
+        from prefopt.data.tokenize import pad_token_id
         from prefopt.models.logprobs import token_logps
 
         was_training = self.model.training
@@ -238,7 +240,7 @@ class EngineWorker:
             for s in range(0, len(samples), step):
                 part = samples[s : s + step]
                 batch = pad([x["prompt_ids"] for x in part], [x["completion_ids"] for x in part],
-                            pad_token_id=self.tokenizer.pad_token_id or 0)
+                            pad_token_id=pad_token_id(self.tokenizer))
                 batch = {k: v.to(accelerator_device()) for k, v in batch.items()}
                 if self.head == "lm":
                     per_token = token_logps(self.model, batch)  # [B, T], 0 off the completion

@@ -229,9 +229,11 @@ class SplitCall:
         return [item for chunk in chunks for item in chunk][: self.count]
 
 
-def as_completed(calls: dict[str, SplitCall]) -> Iterator[tuple[str, list]]:
+def as_completed(calls: dict) -> Iterator[tuple[str, list]]:
     """(name, results) of split calls in flight together (on different groups), each as soon as
-    its group is done.
+    its group is done. A call is anything with `refs` (the Ray refs it waits on) and `wait()`:
+    a SplitCall, or a scorer's handle (prefopt.algorithms.scoring); one with no refs (scores
+    computed already) comes first.
 
     It waits for the first rank of any call, then for the rest of that call's group: a group's
     ranks get equal chunks and compute together, so they end together, and a failed rank is
