@@ -2,8 +2,11 @@
 
 import csv
 import io
+import json
+import math
 from pathlib import Path
 
+import pytest
 from rich.console import Console
 
 from prefopt.cli import DEMO_CONFIG
@@ -30,5 +33,18 @@ def test_demo_trains_each_method_and_writes_the_comparison(tmp_path, tiny_model_
         rows = list(csv.DictReader(f))
     assert len(rows) == len(DEMO_RUNS)
     assert sorted(r["method"] for r in rows) == sorted(DEMO_RUNS)
+    # Each method was evaluated, on the task's reward in [0, 1] and a finite KL to the SFT model.
+    for row in rows:
+        assert int(row["num_evals"]) >= 1, row
+        assert 0.0 <= float(row["best_reward"]) <= 1.0 and math.isfinite(float(row["kl_at_best"])), row
+    # DPO starts at its reference (the SFT model): its first loss is ln 2 (docs/losses.md, "Invariant").
+    dpo = [json.loads(line) for line in (tmp_path / "demo" / "dpo" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in dpo] == [1, 2]
+    assert dpo[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
+    # The SFT stage trained every step of its own config, its loss a finite, positive NLL.
+    sft_steps = load_config(tmp_path / "demo" / "sft" / "config.yaml").train.max_steps
+    sft = [json.loads(line) for line in (tmp_path / "demo" / "sft" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in sft] == list(range(1, sft_steps + 1))
+    assert all(0 < m["loss"] < 50 for m in sft)
     assert "mlflow ui --backend-store-uri sqlite:///" in out.getvalue()
     assert Path(tmp_path / "demo" / "mlflow.db").is_file()
