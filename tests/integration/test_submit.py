@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import secrets
@@ -292,6 +293,11 @@ def test_submit_wait_runs_dpo_on_two_nodes_with_its_state_on_the_object_store(cl
     assert json.loads((run / "checkpoints" / "step40" / "trainer_state.json").read_text())["step"] == 40
     assert (run / "model" / "config.json").is_file() and (run / "model" / "model.safetensors").is_file()
     assert (run / "config.yaml").is_file() and final_loss(uninterrupted.store, 40) > 0
+    # The policy starts at its reference (the same tiny model): the first DPO loss is ln 2
+    # (docs/losses.md, "Invariant"); 40 steps over 32 pairs bring it down.
+    first = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["step"] == 1 and first["loss"] == pytest.approx(math.log(2), abs=1e-4)
+    assert final_loss(uninterrupted.store, 40) < first["loss"]
 
 
 def test_a_stopped_job_submitted_again_resumes_from_the_store_to_the_same_loss(cluster, s3, bucket, uninterrupted,
