@@ -103,7 +103,7 @@ def _loss_line(metrics: dict[str, float], accuracy_key: str) -> str:
 
 def loss_needs_reference(cfg: RunConfig) -> bool:
     """The loss reads reference log-probs (a cache filled once, or live per micro-batch)."""
-    from prefopt.losses import needs_reference
+    from prefopt.losses.names import needs_reference
 
     return cfg.ref.mode != "none" and needs_reference(cfg.algorithm.name, **cfg.algorithm.loss_params())
 
@@ -166,7 +166,7 @@ PPO = AlgorithmSpec(
 
 
 def spec_for(cfg: RunConfig) -> AlgorithmSpec:
-    from prefopt.losses import REWARD_LOSSES
+    from prefopt.losses.names import REWARD_LOSSES
 
     if cfg.algorithm.name == "ppo":
         return PPO

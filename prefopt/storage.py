@@ -359,15 +359,3 @@ def local_dir_for(where: str | os.PathLike) -> Path:
     base, query = str(where).partition("?")[::2]
     key = hashlib.sha256((base.rstrip("/") + query).encode()).hexdigest()[:16]
     return cache_root() / "runs" / f"{base.rstrip('/').rsplit('/', 1)[-1]}-{key}"
-
-
-def local_output(chosen: str | None, output_dir: str, default_name: str, field: str) -> Path:
-    """The directory of a command that writes local files only (generate, label): `chosen`, else
-    output_dir/default_name; a store's URI is refused in one line that says what to set."""
-    if chosen is not None and is_remote(chosen):
-        raise StorageError(f"{field}: {chosen}: this command writes to a local directory only; set {field} "
-                           "to a local path (or a shared disk)")
-    if chosen is None and is_remote(output_dir):
-        raise StorageError(f"output_dir is on an object store ({output_dir}) and this command writes to a local "
-                           f"directory only: set {field} to a local path")
-    return Path(chosen) if chosen is not None else Path(output_dir) / default_name

@@ -168,16 +168,88 @@ def schedules(cfg: RunConfig, b: Batches) -> tuple[dict, dict]:
     return policy, critic
 
 
+# ----------------------------------------------------------------------------- one iteration's phases
+
+
+class PhaseClock:
+    """ppo/time/<phase>: the phases of an iteration one after another (step_seconds is their sum);
+    ppo/time/<role>: a role's own seconds inside a phase, counted from the phase's start (they overlap)."""
+
+    def __init__(self):
+        self.times: dict[str, float] = {}
+        self.clock = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.times[f"ppo/time/{phase}"] = now - self.clock
+        self.clock = now
+
+    def mark(self, role: str, seconds: float | None = None) -> None:
+        self.times[f"ppo/time/{role}"] = time.perf_counter() - self.clock if seconds is None else seconds
+
+    @property
+    def step_seconds(self) -> float:
+        return sum(v for k, v in self.times.items() if k.removeprefix("ppo/time/") in PHASES)
+
+
+PHASES = ("generate", "score", "advantages", "update")
+
+
+def rollout_prompts(cfg: RunConfig, step: int, num_prompts: int) -> list[int]:
+    """The prompt indices of iteration `step`, each samples_per_prompt times in a row: a function
+    of (data.seed, step), so a resumed run draws the same."""
+    p = cfg.ppo
+    rng = np.random.default_rng([cfg.data.seed, step])
+    chosen = rng.choice(num_prompts, p.rollout_prompts, replace=num_prompts < p.rollout_prompts)
+    return [int(i) for i in chosen for _ in range(p.samples_per_prompt)]
+
+
+def score_rollouts(reference, critic, scorer, items: list[dict], texts: tuple[list, list],
+                   clock: PhaseClock) -> dict[str, list]:
+    """Reference log-probs, the critic's values and the rewards, all at once on their own groups
+    (a task's rewards compute on the controller meanwhile). -> {reference, values, reward}."""
+    from prefopt.cluster.worker_group import as_completed
+
+    calls = {"reference": reference.split_async("score", items)}
+    if critic is not None:
+        calls["values"] = critic.split_async("score", items)
+    calls["reward"] = scorer.score_async(*texts)
+    scored = {"values": None}
+    for name, result in as_completed(calls):
+        scored[name] = result
+        clock.mark(name)
+    return scored
+
+
+def update(policy, critic, experience: dict, plan: list[list[int]], clock: PhaseClock) -> dict[str, float]:
+    """Policy and critic take their optimizer steps on the batch at once. -> their metrics."""
+    import ray
+
+    from prefopt.workers.trainer import mean_metrics
+
+    shared = ray.put(experience)  # once into the object store, read by every rank of both roles
+    updates = {"policy": (policy, policy.call_async("update", shared, plan))}
+    if critic is not None:
+        updates["critic"] = (critic, critic.call_async("update", shared, plan))
+    metrics: dict[str, float] = {}
+    for name, (group, refs) in updates.items():
+        per_rank = group.wait(refs, "update")
+        clock.mark(f"{name}_update", max(m.pop("seconds") for m in per_rank))
+        combined = mean_metrics(per_rank)
+        if name == "policy":
+            metrics |= {f"ppo/{k}": v for k, v in combined.items() if k != "grad_norm"}
+            metrics |= {"grad_norm": combined["grad_norm"]} if "grad_norm" in combined else {}
+        else:
+            metrics |= {f"ppo/{'critic_' if k == 'grad_norm' else ''}{k}": v for k, v in combined.items()}
+    return metrics
+
+
 # ----------------------------------------------------------------------------- the controller
 
 
 def train(cfg: RunConfig, console, *, resume: bool | None = None) -> TrainResult:
-    import ray
-
     from prefopt.algorithms.scoring import start_scorer
-    from prefopt.cluster.worker_group import as_completed
     from prefopt.losses.ppo import kl_controller
-    from prefopt.workers.trainer import mean_metrics
 
     p = cfg.ppo
     b = check_ppo(cfg)
@@ -206,64 +278,28 @@ def train(cfg: RunConfig, console, *, resume: bool | None = None) -> TrainResult
 
             def iteration(step: int) -> dict[str, float]:
                 """PPO iteration `step` (0-based): rollouts, scores, advantages, the update."""
-                times: dict[str, float] = {}  # the phases, one after another: step_seconds is their sum
-                within: dict[str, float] = {}  # the roles' own seconds inside a phase (they overlap)
-                clock = time.perf_counter()
-
-                def lap(name: str) -> None:
-                    nonlocal clock
-                    now = time.perf_counter()
-                    times[f"ppo/time/{name}"] = now - clock
-                    clock = now
-
-                rng = np.random.default_rng([cfg.data.seed, step])
-                chosen = rng.choice(len(prompt_ids), p.rollout_prompts, replace=len(prompt_ids) < p.rollout_prompts)
-                picked = [int(i) for i in chosen for _ in range(p.samples_per_prompt)]
+                clock = PhaseClock()
+                picked = rollout_prompts(cfg, step, len(prompt_ids))
                 prompts = [prompt_ids[i] for i in picked]
                 samples = policy.split("generate", prompts, sampling, p.sampling.seed * 1_000_003 + step)
-                lap("generate")
-                # Reference, critic and reward model are separate groups: all three score at once,
-                # and a task reward computes here meanwhile. Each ppo/time/{reference, values,
-                # reward} counts from the phase's start until that role's scores were in (a task
-                # reward: its own time); ppo/time/score is the whole phase.
-                items = [{"prompt_ids": q, "completion_ids": x["completion_ids"]}
-                         for q, x in zip(prompts, samples, strict=True)]
+                completions = [x["completion_ids"] for x in samples]
+                clock.lap("generate")
+                items = [{"prompt_ids": q, "completion_ids": c} for q, c in zip(prompts, completions, strict=True)]
                 texts = ([prompt_texts[i] for i in picked], [x["text"] for x in samples])
-                calls = {"reference": reference.split_async("score", items)}
-                if critic is not None:
-                    calls["values"] = critic.split_async("score", items)
-                calls["reward"] = scorer.score_async(*texts)  # a task's scores compute here, meanwhile
-                scored = {"values": None}
-                for name, result in as_completed(calls):
-                    scored[name] = result
-                    within[f"ppo/time/{name}"] = time.perf_counter() - clock
-                lap("score")
+                scored = score_rollouts(reference, critic, scorer, items, texts, clock)
+                clock.lap("score")
                 experience, metrics = make_experience(
                     p, kl.coef, logps=[x["logprobs"] for x in samples], ref_logps=scored["reference"],
-                    values=scored["values"], scores=scored["reward"],
-                    ended=[x["completion_ids"][-1] == eos for x in samples])
-                experience |= {"prompt_ids": prompts, "completion_ids": [x["completion_ids"] for x in samples]}
-                lap("advantages")
-                shared = ray.put(experience)  # once into the object store, read by every rank of both roles
+                    values=scored["values"], scores=scored["reward"], ended=[c[-1] == eos for c in completions])
+                experience |= {"prompt_ids": prompts, "completion_ids": completions}
+                clock.lap("advantages")
                 plan = minibatch_plan(cfg.train.seed, step, b.rollout, b.minibatch, p.epochs)
-                updates = {"policy": (policy, policy.call_async("update", shared, plan))}
-                if critic is not None:
-                    updates["critic"] = (critic, critic.call_async("update", shared, plan))
-                for name, (group, refs) in updates.items():
-                    per_rank = group.wait(refs, "update")
-                    within[f"ppo/time/{name}_update"] = max(m.pop("seconds") for m in per_rank)
-                    combined = mean_metrics(per_rank)
-                    if name == "policy":
-                        metrics |= {f"ppo/{k}": v for k, v in combined.items() if k != "grad_norm"}
-                        metrics |= {"grad_norm": combined["grad_norm"]} if "grad_norm" in combined else {}
-                    else:
-                        metrics |= {f"ppo/{'critic_' if k == 'grad_norm' else ''}{k}": v for k, v in combined.items()}
-                lap("update")
+                metrics |= update(policy, critic, experience, plan, clock)
+                clock.lap("update")
                 kl.update(metrics["ppo/kl"], b.rollout)
                 s.state["kl_controller"] = kl.state_dict()
-                tokens = sum(len(x["completion_ids"]) for x in samples)
-                return metrics | times | within | {"loss": metrics["ppo/policy_loss"], "tokens": float(tokens),
-                                                   "step_seconds": sum(times.values())}
+                return metrics | clock.times | {"loss": metrics["ppo/policy_loss"], "step_seconds": clock.step_seconds,
+                                                "tokens": float(sum(len(c) for c in completions))}
 
             def steps(first: int, count: int) -> list[dict[str, float]]:
                 return [iteration(step) for step in range(first, first + count)]

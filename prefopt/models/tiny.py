@@ -21,7 +21,7 @@ BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
 
 # One assistant turn ends with exactly one EOS, emitted by the template itself, so the data
-# pipeline must not append another (the double-EOS mistake REFERENCES.md warns about).
+# pipeline must not append another (docs/data.md, "Tokens, EOS and truncation").
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
     "{% for m in messages %}"

@@ -216,7 +216,7 @@ class Tracker:
     # ------------------------------------------------------------------ logging
 
     def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None:
-        """Log one logging step: names as in DESIGN.md ('loss', 'rewards/margins', 'eval/kl').
+        """Log one logging step: names as in docs/tracking.md ('loss', 'rewards/margins', 'eval/kl').
 
         Values may be floats, ints or 0-d tensors; None values are skipped; NaN and inf are
         logged as they are (a diverged run should show it).

@@ -117,14 +117,6 @@ def test_addresses_beside_and_for_this_machine(tmp_path, monkeypatch):
                               "AWS_PROFILE": "", "HOME": "/home/me"}) == {"AWS_ENDPOINT_URL": "http://h"}
 
 
-def test_commands_that_write_locally_refuse_a_store_in_one_line():
-    with pytest.raises(StorageError, match=r"set generate.output_dir to a local path$"):
-        storage.local_output(None, "s3://b/run", "generated", "generate.output_dir")
-    with pytest.raises(StorageError, match=r"^label.output_dir: s3://b/l: this command writes to a local"):
-        storage.local_output("s3://b/l", "runs/x", "labelled", "label.output_dir")
-    assert storage.local_output(None, "runs/x", "labelled", "label.output_dir") == Path("runs/x/labelled")
-
-
 def test_an_unreachable_store_is_one_line_naming_it_and_what_to_set(monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens on port 9
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
