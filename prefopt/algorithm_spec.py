@@ -189,3 +189,28 @@ def busy_cpus(cfg: RunConfig) -> float:
                    for n in names if n in started)
 
     return max(cpus(group) for group in spec_for(cfg).compute_together(cfg))
+
+
+def trial_bundles(cfg: RunConfig) -> tuple[list[dict[str, float]], dict[str, list[int]]]:
+    """What a sweep trial reserves for a run of `cfg` (prefopt.sweep): the bundles of one
+    placement group, and which bundles each role's ranks take. Roles alive together take bundles
+    of their own; a role alive apart (a reference that only fills the cache) reuses bundles of the
+    same shape of a role started after it, so the trial holds no more than it computes on."""
+    from prefopt.cluster.worker_group import bundle_of
+
+    spec = spec_for(cfg)
+    bundles: list[dict[str, float]] = []
+    slots: dict[str, list[int]] = {}
+    for role in spec.alive_together(cfg):
+        rc = role.config(cfg)
+        slots[role.name] = list(range(len(bundles), len(bundles) + rc.num_workers))
+        bundles += [bundle_of(rc) for _ in range(rc.num_workers)]
+    for name in spec.alive_apart(cfg):
+        rc, shape = role_config(cfg, name), bundle_of(role_config(cfg, name))
+        same = [i for i, b in enumerate(bundles) if b == shape]
+        if len(same) >= rc.num_workers:
+            slots[name] = same[: rc.num_workers]
+        else:
+            slots[name] = list(range(len(bundles), len(bundles) + rc.num_workers))
+            bundles += [shape for _ in range(rc.num_workers)]
+    return bundles, slots

@@ -29,7 +29,7 @@ model_app = typer.Typer(help="Build and inspect models.", no_args_is_help=True)
 def main(debug: Annotated[bool, typer.Option("--debug", help="show tracebacks for every error")] = False) -> None:
     """Exit codes: 0 done; 1 bad data rows (data validate); 2 bad config, input or path; 3 the cluster
     cannot hold the request, or a worker failed; 4 a service (tracking) does not answer; 5 training
-    stopped by the health guard; 70 a bug (traceback in <output_dir>/prefopt-error.log); 130 interrupted."""
+    stopped by the health guard; 6 some trials of a sweep failed; 70 a bug (traceback in <output_dir>/prefopt-error.log); 130 interrupted."""
     DEBUG["on"] = DEBUG["on"] or debug
 
 
@@ -123,6 +123,41 @@ def label(config: ConfigArg, set_: SetOpt = None) -> None:
 
     cfg = resolve(config, set_)
     guarded(lambda: run(cfg, console), config=cfg)
+
+
+@app.command()
+def sweep(
+    config: Annotated[Path, typer.Argument(help="a sweep file (configs/sweeps/*.yaml) or a run config",
+                                           show_default=False)],
+    grid: Annotated[list[str] | None, typer.Option("--grid", help="an axis: --grid algorithm.beta=0.05,0.1 "
+                                                   "(repeatable; axes multiply)", show_default=False)] = None,
+    seeds: Annotated[int | None, typer.Option("--seeds", min=1, help="seeds 0..N-1 per point "
+                                              "[default: the sweep file's, else 1]", show_default=False)] = None,
+    max_concurrent: Annotated[int | None, typer.Option("--max-concurrent", min=1, help="trials at once "
+                                                       "[default: as many as the cluster holds]",
+                                                       show_default=False)] = None,
+    output_dir: Annotated[str | None, typer.Option("--output-dir", help="where the trials' folders go "
+                                                   "[default: the sweep file's, else runs/sweeps/<name>]",
+                                                   show_default=False)] = None,
+    set_: SetOpt = None,
+) -> None:
+    """Run one trial per grid point and seed on Ray Tune, under one MLflow parent run; started
+    again, it skips finished trials and resumes interrupted ones (docs/sweeps.md)."""
+    from prefopt.sweep.spec import load_sweep
+
+    def run() -> None:
+        from prefopt.sweep.report import print_summary
+        from prefopt.sweep.runner import SweepFailed, run_sweep
+
+        spec = load_sweep(config, grids=grid or [], seeds=seeds, sets=set_ or [], max_concurrent=max_concurrent,
+                          output_dir=output_dir)
+        result = run_sweep(spec, console)
+        print_summary(spec, result, console)
+        if result.failed:
+            raise SweepFailed(f"{len(result.failed)} of {len(result.trials)} trials failed (named above); "
+                              f"fix them and run the same command again: finished trials are skipped")
+
+    guarded(run, log_dir=".")
 
 
 def _run_tokenizer(cfg):

@@ -246,6 +246,8 @@ class TrackingConfig(Section):
     )
     experiment: str = Field("prefopt", min_length=1)
     run_name: str | None = Field(None, description="null: '<algorithm>-<YYYYmmdd-HHMMSS>'")
+    tags: dict[str, str] = Field(default_factory=dict, description="more tags on the run (a sweep's trials: "
+                                 "the sweep, the point, the seed, the parent run)")
     log_model: bool = Field(True, description="log the exported model directory as artifacts")
     register_model: str | None = Field(
         None, min_length=1, description="also register the logged model under this name"

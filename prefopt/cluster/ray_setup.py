@@ -10,8 +10,9 @@ from prefopt.config import ClusterConfig, RoleConfig
 WORKER_ENV = ("DS_ACCELERATOR", "TOKENIZERS_PARALLELISM", "HF_HUB_OFFLINE", "OMP_NUM_THREADS")
 
 
-def connect(cluster: ClusterConfig, roles: list[RoleConfig]) -> None:
-    """Start or join Ray once per process; a local instance is sized to hold every role's ranks."""
+def connect(cluster: ClusterConfig, roles: list[RoleConfig], *, log_to_driver: bool = True) -> None:
+    """Start or join Ray once per process; a local instance is sized to hold every role's ranks.
+    log_to_driver=False: the ranks' output stays in Ray's log files (a sweep's table owns the terminal)."""
     import ray
 
     if ray.is_initialized():
@@ -24,7 +25,7 @@ def connect(cluster: ClusterConfig, roles: list[RoleConfig]) -> None:
         env.setdefault("DS_ACCELERATOR", "cpu")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env.setdefault("HF_HUB_OFFLINE", "1")
-    kwargs: dict = {"runtime_env": {"env_vars": env}, "log_to_driver": True}
+    kwargs: dict = {"runtime_env": {"env_vars": env}, "log_to_driver": log_to_driver}
     if cluster.address is None:
         # A local instance sized for the job even on a 1-core laptop: CPU "slots" are logical.
         need = sum(role.num_workers * role.cpus_per_worker for role in roles) + 1

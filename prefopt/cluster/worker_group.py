@@ -18,9 +18,11 @@ can hold it before asking Ray for anything, so an impossible request fails in a 
 
 from __future__ import annotations
 
+import itertools
 import math
 import socket
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from prefopt.config import ClusterConfig, RoleConfig
@@ -95,6 +97,24 @@ def check_fit_together(roles: list[tuple[str, str, RoleConfig]], nodes: list[dic
                                f"cluster has {have:g}; lower num_workers or {field} of one of them, or add nodes")
 
 
+# Set while a sweep trial runs (prefopt.sweep.trial): the trial's placement group, reserved by Ray
+# Tune before the trial started, and the bundles each role's ranks take in it.
+_TRIAL: dict = {}
+_STARTED = itertools.count()  # numbers actor names: a role may start again in the same placement group
+
+
+@contextmanager
+def in_trial_bundles(placement_group, slots: dict[str, list[int]]):
+    """Within this block, a role's group places its ranks in `slots[role]` of `placement_group`
+    instead of asking Ray for a placement group of its own: a trial's roles start at once, never
+    waiting for another trial's resources (Tune queues the trial until all its bundles are free)."""
+    _TRIAL.update(placement_group=placement_group, slots=slots)
+    try:
+        yield
+    finally:
+        _TRIAL.clear()
+
+
 class WorkerGroup:
     """`role.num_workers` actors of `actor_cls`, gang-scheduled in one placement group and rendezvoused.
 
@@ -104,36 +124,50 @@ class WorkerGroup:
     def __init__(self, actor_cls: type, role: RoleConfig, cluster: ClusterConfig, *, name: str, key: str,
                  init_args: tuple = ()):
         import ray
-        from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         self.name, self.size = name, role.num_workers
-        check_fits(name, key, role)
         bundle = bundle_of(role)
-        self.placement_group = placement_group([dict(bundle)] * self.size, strategy=cluster.placement_strategy)
-        try:
-            ray.get(self.placement_group.ready(), timeout=cluster.collective_timeout_s)
-        except ray.exceptions.GetTimeoutError:
-            ray.util.remove_placement_group(self.placement_group)
-            raise ClusterError(
-                f"{name}: the cluster has the resources for {self.size} x {bundle} but they stayed busy "
-                f"for {cluster.collective_timeout_s}s (cluster.collective_timeout_s); available now: "
-                f"{ray.available_resources()}"
-            ) from None
-        remote_cls = ray.remote(actor_cls)
+        self.owns_placement = not _TRIAL
+        if _TRIAL:
+            self.placement_group, indices = _TRIAL["placement_group"], _TRIAL["slots"].get(name)
+            if indices is None or len(indices) != self.size:
+                raise RuntimeError(f"{name}: the trial reserved bundles {indices} for {self.size} rank(s)")
+        else:
+            check_fits(name, key, role)
+            self.placement_group, indices = self._reserve(bundle, cluster), list(range(self.size))
+        remote_cls, number = ray.remote(actor_cls), next(_STARTED)
         self.actors = [
             remote_cls.options(
                 num_cpus=role.cpus_per_worker,
                 num_gpus=role.gpus_per_worker,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    placement_group=self.placement_group, placement_group_bundle_index=i
+                    placement_group=self.placement_group, placement_group_bundle_index=index
                 ),
-                name=f"{name}-rank{i}-{self.placement_group.id.hex()[:8]}",
+                name=f"{name}-rank{i}-{self.placement_group.id.hex()[:8]}-{number}",
             ).remote(*init_args)
-            for i in range(self.size)
+            for i, index in enumerate(indices)
         ]
         self._rendezvous(backend="nccl" if role.gpus_per_worker else "gloo",
                          timeout_s=cluster.collective_timeout_s)
+
+    def _reserve(self, bundle: dict[str, float], cluster: ClusterConfig):
+        """A placement group of one bundle per rank, ready (or a ClusterError after
+        cluster.collective_timeout_s)."""
+        import ray
+        from ray.util.placement_group import placement_group
+
+        group = placement_group([dict(bundle)] * self.size, strategy=cluster.placement_strategy)
+        try:
+            ray.get(group.ready(), timeout=cluster.collective_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            ray.util.remove_placement_group(group)
+            raise ClusterError(
+                f"{self.name}: the cluster has the resources for {self.size} x {bundle} but they stayed busy "
+                f"for {cluster.collective_timeout_s}s (cluster.collective_timeout_s); available now: "
+                f"{ray.available_resources()}"
+            ) from None
+        return group
 
     def _rendezvous(self, backend: str, timeout_s: int) -> None:
         import ray
@@ -213,7 +247,8 @@ class WorkerGroup:
 
         for actor in self.actors:
             ray.kill(actor)
-        ray.util.remove_placement_group(self.placement_group)
+        if self.owns_placement:  # a trial's placement group is Tune's to release
+            ray.util.remove_placement_group(self.placement_group)
 
 
 class SplitCall:

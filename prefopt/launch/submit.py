@@ -3,8 +3,10 @@
 What a submitted job gets (docs/cluster.md):
 
 - the resolved config, validated here first, as base64 YAML in the job's environment
-  (PREFOPT_JOB_CONFIG); the entrypoint writes it to a file and runs `python -m prefopt train` on
-  it. An environment variable travels with every kind of runtime env, `image_uri` included
+  (PREFOPT_JOB_CONFIG); the entrypoint writes it to a file and runs `prefopt train` on it through
+  prefopt.launch.job_entry, which first says in one line what the nodes' Python cannot import.
+  A sweep (plan_sweep) travels the same way: its sweep file and method configs in
+  PREFOPT_JOB_FILES, unpacked by job_entry, and `prefopt sweep` with the arguments given here. An environment variable travels with every kind of runtime env, `image_uri` included
   (which takes nothing but env_vars), and leaves the user's checkout untouched; base64, because
   Ray expands `$NAME` in every env_vars value on the node (ray._private.utils.update_envs). The shipped
   config says `cluster.address: auto` when it said nothing: the driver joins the cluster it
@@ -17,7 +19,8 @@ What a submitted job gets (docs/cluster.md):
 - optionally pip requirements or a container image.
 
 The cluster's nodes are read from the dashboard's state API before submitting, and a role no
-node could hold is refused here, in seconds, with check_fits's message. Addresses are the
+node could hold is refused here, in seconds, with check_fits's message (for a sweep: the roles of
+its largest trial, check_sweep_resources). Addresses are the
 dashboard's HTTP address (http://HEAD:8265); a token for Ray's token authentication is taken
 from where Ray keeps it (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token) and sent
 whatever RAY_AUTH_MODE says on this machine: the cluster's mode is the one that matters.
@@ -39,14 +42,19 @@ import zipfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, NamedTuple
+from typing import IO, TYPE_CHECKING, Any, NamedTuple
 
 from prefopt.config import RoleConfig, RunConfig
 from prefopt.errors import CLUSTER, SERVICE, UserError
+from prefopt.launch.job_entry import FILES_ENV
+
+if TYPE_CHECKING:
+    from prefopt.sweep.spec import Sweep, Trial
 
 # Ray's own order (ray.dashboard.utils.get_address_for_submission_client).
 ADDRESS_ENV = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
 CONFIG_ENV = "PREFOPT_JOB_CONFIG"
+ENTRY = "python -m prefopt.launch.job_entry"  # the nodes' python: the image's, or on ray start's PATH
 TRACKING_ENV = "MLFLOW_TRACKING_URI"
 # Passed to the job when set here: MLflow's credentials and S3-style artifact stores.
 CREDENTIAL_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",

@@ -46,17 +46,23 @@ def resolve_tracking_uri(cfg: RunConfig) -> str:
     Relative SQLite paths are made absolute, so that a resumed or compared run finds the same
     file from another working directory.
     """
-    if cfg.tracking.uri:
-        return _absolute_sqlite(cfg.tracking.uri)
+    return tracking_uri_for(cfg.tracking.uri, cfg.output_dir)
+
+
+def tracking_uri_for(uri: str | None, output_dir: str) -> str:
+    """resolve_tracking_uri from the two fields it reads (a sweep resolves it before any trial's
+    config is whole)."""
+    if uri:
+        return _absolute_sqlite(uri)
     if os.environ.get(ENV_URI):
         return _absolute_sqlite(os.environ[ENV_URI])
     from prefopt.storage import is_remote
 
-    if is_remote(cfg.output_dir):
-        raise TrackingError(f"output_dir is on an object store ({cfg.output_dir}) and MLflow's default store "
+    if is_remote(output_dir):
+        raise TrackingError(f"output_dir is on an object store ({output_dir}) and MLflow's default store "
                             "sits beside a local output_dir: set tracking.uri (an MLflow server, or "
                             f"sqlite:///path/mlflow.db) or {ENV_URI}")
-    return _sqlite_uri(default_store_dir(cfg.output_dir) / STORE_FILE)
+    return _sqlite_uri(default_store_dir(output_dir) / STORE_FILE)
 
 
 def tracking_uri_source(cfg: RunConfig) -> str:

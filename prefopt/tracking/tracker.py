@@ -51,6 +51,14 @@ TAG_DATA_FINGERPRINT = "data.fingerprint"
 TAG_REFCACHE_FINGERPRINT = "refcache.fingerprint"
 TAG_COMPARISON = "prefopt.comparison"  # marks the runs `prefopt compare` writes
 TAG_PARAMS_CHANGED = "prefopt.params_changed_on_resume"
+# A sweep (prefopt.sweep): its id on the parent run and on every trial's run, and each trial's own.
+TAG_SWEEP = "prefopt.sweep"
+TAG_SWEEP_TRIAL = "prefopt.sweep.trial"
+TAG_SWEEP_POINT = "prefopt.sweep.point"
+TAG_SWEEP_SEED = "prefopt.sweep.seed"
+TAG_SWEEP_METHOD = "prefopt.sweep.method"
+TAG_SWEEP_PARENT = "prefopt.sweep.parent"  # "true" on the parent run
+TAG_PARENT_RUN = "mlflow.parentRunId"  # MLflow's own: the UI nests the run under its parent
 
 CONFIG_ARTIFACT = "config.yaml"
 MODEL_ARTIFACT = "model"
@@ -61,6 +69,8 @@ GENERATIONS_DIR = "generations"
 PARAM_VALUE_LIMIT = 500
 _TRUNCATED = "...[truncated; see config.yaml]"
 _BATCH = 100  # MLflow's limit of params or tags per log_batch call
+# Who else hears every logged step, as listener(step, metrics): a sweep trial passes them to Ray Tune.
+LISTENERS: list = []
 _STATUSES = ("FINISHED", "FAILED", "KILLED")
 
 
@@ -160,7 +170,7 @@ class Tracker:
             auto["mlflow.user"] = getpass.getuser()
         except (KeyError, OSError):  # no user name in a bare container
             pass
-        given = {k: str(v) for k, v in (tags or {}).items() if v is not None}
+        given = {k: str(v) for k, v in (cfg.tracking.tags | dict(tags or {})).items() if v is not None}
         if run_id is None:
             experiment_id = get_or_create_experiment(client, cfg.tracking.experiment, uri)
             run = client.create_run(
@@ -226,6 +236,8 @@ class Tracker:
                  for key, value in metrics.items() if value is not None]
         for i in range(0, len(batch), 1000):  # MLflow's limit of metrics per call
             self.client.log_batch(self.run_id, metrics=batch[i:i + 1000])
+        for listener in LISTENERS:
+            listener(step, {key: float(value) for key, value in metrics.items() if value is not None})
 
     def last_step(self, key: str) -> int:
         """The highest step logged for `key` in this run (0 when none)."""
@@ -263,7 +275,8 @@ class Tracker:
         config.yaml is replaced by the config the run continues with.
         """
         self.client.log_text(self.run_id, self.cfg.to_yaml(), CONFIG_ARTIFACT)
-        params = flatten_config(self.cfg.model_dump(mode="json"))
+        # Tags are tags (set by start), not params.
+        params = flatten_config(self.cfg.model_dump(mode="json", exclude={"tracking": {"tags"}}))
         if self.resumed:
             logged = self.client.get_run(self.run_id).data.params
             changed = sorted(k for k, v in params.items() if k in logged and logged[k] != v)
