@@ -360,6 +360,8 @@ def run_steps(cfg: RunConfig, steps, save, run: Run, tracker, console, state: di
                 progress.update(bar, info=info)
             if evaluate is not None and ((eval_every and done % eval_every == 0) or done == t.max_steps):
                 metrics |= evaluate(done)
+    if evaluate is not None and run.start_step == t.max_steps and tracker.last_step("eval/kl") < t.max_steps:
+        metrics = evaluate(t.max_steps)  # killed after the last checkpoint, before the last evaluation
     return metrics
 
 
