@@ -16,7 +16,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from prefopt.cli_common import ConfigArg, err_console, fail, guarded, resolve, set_opt
+from prefopt.cli_common import err_console, fail, guarded, resolve, set_opt
 from prefopt.errors import INTERRUPTED
 
 console = Console(width=None if sys.stdout.isatty() else 160)
@@ -43,8 +43,16 @@ def _warn(line: str) -> None:
 
 
 def submit_cmd(
-    config: ConfigArg,
+    config: Annotated[Path, typer.Argument(help="YAML run config, or a sweep file (configs/sweeps/*.yaml)",
+                                           show_default=False)],
     set_: SetOpt = None,
+    grid: Annotated[list[str] | None, typer.Option("--grid", help="submit a sweep: an axis, --grid "
+                                                   "algorithm.beta=0.05,0.1 (repeatable; as prefopt sweep)",
+                                                   show_default=False)] = None,
+    seeds: Annotated[int | None, typer.Option("--seeds", min=1, help="submit a sweep: seeds 0..N-1 per point "
+                                              "(as prefopt sweep)", show_default=False)] = None,
+    max_concurrent: Annotated[int | None, typer.Option("--max-concurrent", min=1, help="a sweep's trials at once "
+                                                       "(as prefopt sweep)", show_default=False)] = None,
     address: AddressOpt = None,
     wait: Annotated[bool, typer.Option("--wait", help="stream the job's logs and exit with its outcome "
                                        "(0 succeeded, 3 failed or stopped)")] = False,
@@ -64,16 +72,45 @@ def submit_cmd(
     env: Annotated[list[str] | None, typer.Option("--env", help="NAME=VALUE for the job's environment "
                                                   "(repeatable)", show_default=False)] = None,
 ) -> None:
-    """Submit `prefopt train CONFIG` to a Ray cluster as a job (Ray's Job Submission API)."""
-    cfg = resolve(config, set_)  # a bad config fails here, before anything is contacted
+    """Submit `prefopt train CONFIG` to a Ray cluster as a job (Ray's Job Submission API); a sweep
+    file, or --grid/--seeds, submits the whole `prefopt sweep` as one job."""
+    from prefopt.launch.submit import (
+        check_resources,
+        check_sweep_resources,
+        largest_trial,
+        plan,
+        plan_sweep,
+        sweep_args,
+    )
+    from prefopt.sweep.spec import is_sweep_file, load_sweep
+
     if working_dir is not None and no_working_dir:
         fail("--working-dir and --no-working-dir: choose one")
-    guarded(lambda: _submit(cfg, config, address=address, wait=wait, working_dir=working_dir,
-                            no_working_dir=no_working_dir, exclude=exclude, pip=pip, image=image, env=env))
+    upload = dict(address=address, wait=wait, working_dir=working_dir, no_working_dir=no_working_dir,
+                  exclude=exclude, image=image)
+    if not (grid or seeds is not None or max_concurrent is not None or is_sweep_file(config)):
+        cfg = resolve(config, set_)  # a bad config fails here, before anything is contacted
+        guarded(lambda: _submit(lambda package: plan(cfg, config, package=package, pip=pip, image=image, env=env),
+                                lambda nodes, url: check_resources(cfg, nodes, url), **upload))
+        return
+
+    def submit_sweep() -> None:
+        # The sweep is read here, as the job will read it: a bad file, or no valid trial, fails
+        # before anything is contacted; the cluster check is that of its largest trial.
+        sweep = load_sweep(config, grids=grid or [], seeds=seeds, sets=set_ or [], max_concurrent=max_concurrent)
+        largest_trial(sweep)
+        args = sweep_args(grid, seeds, set_, max_concurrent)
+        _submit(lambda package: plan_sweep(sweep, config, args, package=package, pip=pip, image=image, env=env),
+                lambda nodes, url: check_sweep_resources(sweep, nodes, url),
+                what=f"sweep {sweep.name}, {len(sweep.trials)} trial(s), ", **upload)
+
+    guarded(submit_sweep)
 
 
-def _submit(cfg, config: Path, *, address, wait, working_dir, no_working_dir, exclude, pip, image, env) -> None:
-    from prefopt.launch.submit import build_package, check_resources, default_working_dir, plan
+def _submit(plan_for, check, *, address, wait, working_dir, no_working_dir, exclude, image, what: str = "") -> None:
+    """Pack the code, plan the job (plan_for(package)), check it against the cluster's nodes
+    (check(nodes, url)), submit it; follow it with --wait."""
+    from prefopt.launch.submit import build_package, default_working_dir
 
     source = None if no_working_dir else working_dir
     if source is None and not no_working_dir:
@@ -87,18 +124,18 @@ def _submit(cfg, config: Path, *, address, wait, working_dir, no_working_dir, ex
         if source is not None:
             package = build_package(source, Path(tmp), excludes=tuple(exclude or ()))
             code = f"uploaded {source} ({package.stat().st_size / 2**20:.1f} MiB zipped)"
-        submission = plan(cfg, config, package=package, pip=pip, image=image, env=env)
+        submission = plan_for(package)
         jobs = _jobs(address)
         nodes = jobs.nodes()
         if nodes:
-            check_resources(cfg, nodes, jobs.url)
+            check(nodes, jobs.url)
         else:
             _warn(f"the dashboard at {jobs.url} did not list its nodes: the job checks its resources when it "
                   "connects")
         for note in submission.notes:
             _warn(note)
         job_id = jobs.submit(submission)
-    console.print(f"submitted job [bold]{job_id}[/] to {jobs.url} ({code}; Ray {jobs.ray_version})",
+    console.print(f"submitted job [bold]{job_id}[/] to {jobs.url} ({what}{code}; Ray {jobs.ray_version})",
                   highlight=False)
     if not wait:
         console.print(f"follow it: prefopt job logs {job_id} --follow --address {jobs.url}", highlight=False)

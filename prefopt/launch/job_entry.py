@@ -6,8 +6,8 @@ needs, and says in one line which interpreter it is and what it could not import
 ends the job in a 25-line traceback of `ModuleNotFoundError: No module named 'typer'`.
 
 Standard library only at the top level (and in prefopt/__init__.py and prefopt/launch/__init__.py,
-which `python -m` imports first), and syntax that an older Python still parses: it has to speak on
-exactly the interpreters that cannot run prefopt.
+which `python -m` imports first), and syntax that an older Python (3.7 on) still parses: it has to
+speak on exactly the interpreters that cannot run prefopt.
 
 --unpack DIR writes the files the job carries in $PREFOPT_JOB_FILES (base64 of a JSON object,
 relative path -> text: a sweep file and its method configs) under DIR first.
@@ -32,21 +32,21 @@ FIX = ("install prefopt's dependencies on the nodes, pass --pip to prefopt submi
 
 def interpreter() -> str:
     """'/usr/bin/python3 (Python 3.11.2)': the Python this job runs, as the error line names it."""
-    return "%s (Python %s)" % (sys.executable or "python", ".".join(str(n) for n in sys.version_info[:3]))
+    return f"{sys.executable or 'python'} (Python {'.'.join(str(n) for n in sys.version_info[:3])})"
 
 
 def problem(modules: tuple[str, ...] = NEEDED) -> str | None:
     """Why this interpreter cannot run prefopt, in a few words; None when it can. An import that
     fails for another reason than a missing module (a torch built for another CUDA) says why."""
     if sys.version_info[:2] < MIN_PYTHON:
-        return "is older than the Python %d.%d that prefopt needs" % MIN_PYTHON
+        return f"is older than the Python {MIN_PYTHON[0]}.{MIN_PYTHON[1]} that prefopt needs"
     for name in modules:
         try:
             importlib.import_module(name)
         except Exception as exc:  # ImportError, or a broken install raising anything at import
             missing = isinstance(exc, ModuleNotFoundError) and (exc.name or "").split(".")[0] == name
             first = (str(exc).strip().splitlines() or [""])[0]
-            return "cannot import %s" % name + ("" if missing else " (%s: %s)" % (type(exc).__name__, first))
+            return f"cannot import {name}" + ("" if missing else f" ({type(exc).__name__}: {first})")
     return None
 
 
@@ -64,7 +64,7 @@ def main(argv: list[str]) -> int:
     why = problem()
     if why is not None:
         # `error:` first, as prefopt's own errors: `prefopt submit --wait` shows the job's last such line.
-        print("error: prefopt job: %s %s: %s" % (interpreter(), why, FIX), file=sys.stderr, flush=True)
+        print(f"error: prefopt job: {interpreter()} {why}: {FIX}", file=sys.stderr, flush=True)
         return 2
     if argv[:1] == ["--unpack"]:
         unpack(argv[1])

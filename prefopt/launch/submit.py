@@ -31,6 +31,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import itertools
+import json
 import logging
 import os
 import re
@@ -43,6 +45,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, NamedTuple
+
+import yaml
 
 from prefopt.config import RoleConfig, RunConfig
 from prefopt.errors import CLUSTER, SERVICE, UserError
@@ -343,6 +347,45 @@ def check_resources(cfg: RunConfig, nodes: list[dict[str, float]], where: str) -
         raise ClusterError(f"the cluster at {where}: {exc}") from None
 
 
+def trial_need(cfg: RunConfig) -> tuple[float, float]:
+    """(GPUs, CPUs) a sweep trial of `cfg` reserves at once: its placement group's bundles."""
+    from prefopt.algorithm_spec import trial_bundles
+
+    bundles, _ = trial_bundles(cfg)
+    return sum(b.get("GPU", 0.0) for b in bundles), sum(b.get("CPU", 0.0) for b in bundles)
+
+
+def largest_trial(sweep: Sweep) -> Trial:
+    """The valid trial that reserves the most GPUs, then CPUs; a sweep without one is refused,
+    naming the first trial's error."""
+    valid = sweep.valid_trials()
+    if not valid:
+        first = sweep.trials[0]
+        raise LaunchError(f"{sweep.source}: none of the sweep's {len(sweep.trials)} trial(s) has a valid config; "
+                          f"the first, {first.id}: {first.error}")
+    return max(valid, key=lambda t: trial_need(t.config))
+
+
+def check_sweep_resources(sweep: Sweep, nodes: list[dict[str, float]], where: str) -> None:
+    """check_resources for the sweep's largest trial, and its placement group (every rank of its
+    roles, held together while it runs) against the whole cluster: Ray Tune would queue a trial
+    that can never be placed forever. The refusal names the trial."""
+    from prefopt.cluster.worker_group import ClusterError
+
+    trial = largest_trial(sweep)
+    gpus, cpus = trial_need(trial.config)
+    try:
+        check_resources(trial.config, nodes, where)
+        for resource, need in (("GPU", gpus), ("CPU", cpus)):
+            have = sum(node.get(resource, 0.0) for node in nodes)
+            if need > have:
+                raise ClusterError(f"the cluster at {where} has {have:g} {resource}; lower its roles' num_workers "
+                                   "or cpus_per_worker/gpus_per_worker, or add nodes")
+    except ClusterError as exc:
+        raise ClusterError(f"sweep {sweep.name}: its largest trial, {trial.id} ({gpus:g} GPU, {cpus:g} CPU at "
+                           f"once), cannot run: {exc}") from None
+
+
 # ----------------------------------------------------------------------------- the code package
 
 
@@ -459,11 +502,72 @@ def encode_config(cfg: RunConfig) -> str:
     return base64.b64encode(cfg.to_yaml().encode()).decode("ascii")
 
 
+def _file_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name) or "config.yaml"
+
+
 def entrypoint(config_name: str) -> str:
     """The job's shell command: the shipped YAML into a fresh file, then `prefopt train` on it."""
-    name = shlex.quote(re.sub(r"[^A-Za-z0-9._-]+", "-", config_name) or "config.yaml")
+    name = shlex.quote(_file_name(config_name))
     return (f'dir=$(mktemp -d) && printenv {CONFIG_ENV} | base64 -d > "$dir"/{name} && '
-            f'exec python -m prefopt train "$dir"/{name}')
+            f'exec {ENTRY} train "$dir"/{name}')
+
+
+def sweep_entrypoint(name: str, args: list[str]) -> str:
+    """A sweep job's shell command: job_entry unpacks the shipped files into a fresh folder, then
+    runs `prefopt sweep` on `name` there with `args`."""
+    return (f'dir=$(mktemp -d) && exec {ENTRY} --unpack "$dir" sweep "$dir"/{shlex.quote(name)}'
+            + "".join(f" {shlex.quote(a)}" for a in args))
+
+
+def sweep_args(grids: list[str] | None = None, seeds: int | None = None, sets: list[str] | None = None,
+               max_concurrent: int | None = None) -> list[str]:
+    """`prefopt sweep`'s options as given to `prefopt submit`, for the job to run with."""
+    args = [a for g in grids or [] for a in ("--grid", g)]
+    args += ["--seeds", str(seeds)] if seeds is not None else []
+    args += ["--max-concurrent", str(max_concurrent)] if max_concurrent is not None else []
+    return args + [a for s in sets or [] for a in ("--set", s)]
+
+
+def _joining(tree: dict | None) -> str:
+    """A config's YAML as shipped: joining the cluster it runs on unless it names one (shipped_config)."""
+    tree = dict(tree or {})
+    cluster = tree.get("cluster")
+    if cluster is None:
+        tree["cluster"] = {"address": "auto"}
+    elif isinstance(cluster, dict) and cluster.get("address") is None:
+        tree["cluster"] = {**cluster, "address": "auto"}
+    return yaml.safe_dump(tree, sort_keys=False)
+
+
+def sweep_files(path: Path) -> tuple[str, dict[str, str]]:
+    """(the name `prefopt sweep` reads, the files a sweep's job carries: relative path -> text).
+    A sweep file travels with its method configs under methods/, its `config:` entries (relative
+    to it) pointed there, and a method without a config gets one; a run config (a --grid sweep)
+    travels alone. Each config joins the cluster it runs on unless it names one, as a run's does."""
+    name = _file_name(path.name)
+    from prefopt.sweep.spec import is_sweep_file
+
+    if not is_sweep_file(path):
+        return name, {name: _joining(yaml.safe_load(path.read_text()))}
+    sweep = yaml.safe_load(path.read_text())
+    files: dict[str, str] = {}
+    shipped: dict[str, str] = {}  # the config's path here -> its path in the job
+    for method_name, method in sweep["methods"].items():
+        source = method.get("config")
+        key = str((path.parent / source).resolve()) if source is not None else f"<defaults of {method_name}>"
+        if key not in shipped:
+            stem = _file_name(Path(source).stem if source is not None else method_name)
+            target = f"methods/{stem}.yaml"
+            for i in itertools.count(2):
+                if target not in files:
+                    break
+                target = f"methods/{stem}-{i}.yaml"
+            shipped[key] = target
+            files[target] = _joining(yaml.safe_load(Path(key).read_text()) if source is not None else {})
+        method["config"] = shipped[key]
+    files[name] = yaml.safe_dump(sweep, sort_keys=False)
+    return name, files
 
 
 def _pip(specs: list[str] | None) -> list[str] | str | None:
@@ -480,12 +584,43 @@ def plan(cfg: RunConfig, config_path: Path, *, package: Path | None, pip: list[s
          environ: Mapping[str, str] = os.environ) -> Submission:
     """Everything the job is submitted with; refuses option combinations Ray would refuse."""
     extra = parse_env(env)
+    _check_image(image, package, pip)
+    variables = {**job_env(cfg, environ, extra), CONFIG_ENV: encode_config(shipped_config(cfg))}
+    notes = _notes(cfg.output_dir, variables.get(TRACKING_ENV), "tracking.uri" if cfg.tracking.uri else TRACKING_ENV)
+    return Submission(entrypoint(config_path.name), _runtime_env(variables, package, pip, image),
+                      _submission_id(cfg.algorithm.name), _metadata(config_path, cfg.tracking.experiment), notes)
+
+
+def plan_sweep(sweep: Sweep, path: Path, args: list[str], *, package: Path | None, pip: list[str] | None = None,
+               image: str | None = None, env: list[str] | None = None,
+               environ: Mapping[str, str] = os.environ) -> Submission:
+    """A whole sweep as one job: `prefopt sweep` on the sweep file (or run config) at `path`, which
+    load_sweep read into `sweep` here, with `args` (sweep_args); its files in PREFOPT_JOB_FILES.
+    The job's environment is that of the largest trial (DS_ACCELERATOR=cpu when it has no GPU)."""
+    extra = parse_env(env)
+    _check_image(image, package, pip)
+    largest = largest_trial(sweep).config
+    # The trials' tracking.uri was resolved here (a local default store is a path on this
+    # machine); the job resolves its own from the shipped configs and MLFLOW_TRACKING_URI.
+    variables = job_env(largest.model_copy(update={"tracking": largest.tracking.model_copy(update={"uri": None})}),
+                        environ, extra)
+    name, files = sweep_files(path)
+    variables[FILES_ENV] = base64.b64encode(json.dumps(files).encode()).decode("ascii")
+    notes = _notes(sweep.output_dir, sweep.tracking_uri, "the sweep's tracking store")
+    metadata = {**_metadata(path, sweep.experiment or largest.tracking.experiment), "prefopt.sweep": sweep.name}
+    return Submission(sweep_entrypoint(name, args), _runtime_env(variables, package, pip, image),
+                      _submission_id(f"sweep-{sweep.name}"), metadata, notes)
+
+
+def _check_image(image: str | None, package: Path | None, pip: list[str] | None) -> None:
     if image and (package is not None or pip):
         what = "a working dir" if package is not None else "--pip"
         raise LaunchError(f"--image cannot go with {what}: Ray's image_uri takes only environment variables; "
                           "bake the code and requirements into the image (and pass --no-working-dir)")
-    shipped = shipped_config(cfg)
-    variables = {**job_env(cfg, environ, extra), CONFIG_ENV: encode_config(shipped)}
+
+
+def _runtime_env(variables: dict[str, str], package: Path | None, pip: list[str] | None,
+                 image: str | None) -> dict[str, Any]:
     runtime_env: dict[str, Any] = {"env_vars": variables}
     if package is not None:
         runtime_env["working_dir"] = str(package)
@@ -493,23 +628,32 @@ def plan(cfg: RunConfig, config_path: Path, *, package: Path | None, pip: list[s
         runtime_env["pip"] = requirements
     if image:
         runtime_env["image_uri"] = image
+    return runtime_env
+
+
+def _submission_id(what: str) -> str:
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    submission_id = f"prefopt-{re.sub(r'[^a-z0-9]+', '-', cfg.algorithm.name.lower())}-{stamp}-{secrets.token_hex(2)}"
+    return f"prefopt-{re.sub(r'[^a-z0-9]+', '-', what.lower()).strip('-')}-{stamp}-{secrets.token_hex(2)}"
+
+
+def _metadata(config_path: Path, experiment: str) -> dict[str, str]:
     import prefopt
 
-    metadata = {"prefopt.config": str(config_path), "prefopt.experiment": cfg.tracking.experiment,
-                "prefopt.version": prefopt.__version__}
+    return {"prefopt.config": str(config_path), "prefopt.experiment": experiment,
+            "prefopt.version": prefopt.__version__}
+
+
+def _notes(output_dir: str, uri: str | None, source: str) -> list[str]:
+    """Warnings for the person submitting: where a relative output_dir and a file tracking store end up."""
     notes = []
-    if not Path(cfg.output_dir).expanduser().is_absolute() and "://" not in cfg.output_dir:
-        notes.append(f"output_dir={cfg.output_dir} is relative: the run's files (checkpoints, exported model) "
+    if not Path(output_dir).expanduser().is_absolute() and "://" not in output_dir:
+        notes.append(f"output_dir={output_dir} is relative: the run's files (checkpoints, exported model) "
                      "land under the job's working directory on the node that runs the driver")
-    uri = variables.get(TRACKING_ENV)
     if not uri or uri.startswith(("sqlite:", "file:")) or "://" not in uri:
-        source = "tracking.uri" if cfg.tracking.uri else TRACKING_ENV
         where = f"{source}={uri}" if uri else "no tracking.uri and no MLFLOW_TRACKING_URI here"
         notes.append(f"{where}: the MLflow store is a file on the node that runs the driver; set tracking.uri "
                      "or MLFLOW_TRACKING_URI to a tracking server to see the run from here")
-    return Submission(entrypoint(config_path.name), runtime_env, submission_id, metadata, notes)
+    return notes
 
 
 def default_working_dir(cwd: Path) -> Path | None:

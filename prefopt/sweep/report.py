@@ -21,7 +21,9 @@ def print_summary(sweep: Sweep, result: SweepResult, console) -> None:
     for end in result.failed:
         console.print(f"[red]failed[/] {end.id}: {end.error}", highlight=False, soft_wrap=True)
     console.print(f"{concurrency_note(result)}; parent MLflow run {result.parent_run_id} "
-                  f"(tag {_tag()}={sweep.id}): prefopt compare --sweep {sweep.id}")
+                  f"(tag {_tag()}={sweep.id})", highlight=False)
+    console.print(f"compare the trials: prefopt compare --sweep {sweep.id} --tracking-uri {sweep.tracking_uri}",
+                  highlight=False, soft_wrap=True)
 
 
 def _fmt(value) -> str:

@@ -73,6 +73,11 @@ def compare_cmd(
         typer.Option("--out", help="folder for frontier.png, comparison.csv, comparison.md "
                      "[default: runs/compare/<experiment>]", show_default=False),
     ] = None,
+    sweep: Annotated[
+        str | None,
+        typer.Option("--sweep", help="only this sweep's trials (the id `prefopt sweep` prints); the experiment "
+                     "is the sweep's", show_default=False),
+    ] = None,
     tracking_uri: UriOpt = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
@@ -80,17 +85,22 @@ def compare_cmd(
     """Compare methods: reward-vs-KL frontier per algorithm/loss, table of runs, logged back."""
     from mlflow.exceptions import MlflowException
 
-    from prefopt.tracking.compare import run_comparison
+    from prefopt.storage import is_remote
+    from prefopt.tracking.compare import run_comparison, sweep_experiment
     from prefopt.tracking.report import display_rows, fmt, headers
 
     cfg, uri, name = _context(config, set_, tracking_uri, experiment)
-    from prefopt.storage import is_remote
+    if sweep is not None and experiment is None:
+        try:
+            name = sweep_experiment(uri, sweep)
+        except (TrackingError, MlflowException) as exc:
+            fail(str(exc))
 
     # Beside the default store; an output_dir on an object store has none: the working directory.
     out_dir = out or (Path(".") if is_remote(cfg.output_dir) else default_store_dir(cfg.output_dir)) / "compare" / slug(name)
     try:
         with console.status(f"reading runs of {name!r}"):
-            result = run_comparison(uri, name, out_dir=out_dir, x=x, y=y, at_kl=at_kl)
+            result = run_comparison(uri, name, out_dir=out_dir, x=x, y=y, at_kl=at_kl, sweep=sweep)
     except (TrackingError, MlflowException) as exc:
         fail(str(exc))
     cmp = result.comparison

@@ -16,7 +16,7 @@ from mlflow.entities import Run, ViewType
 from prefopt.tracking.frontier import Comparison, RunCurve, compare, pair_by_step
 from prefopt.tracking.report import plot_frontier, write_csv, write_markdown
 from prefopt.tracking.store import TrackingError, find_experiment, mlflow_client, slug
-from prefopt.tracking.tracker import TAG_ALGORITHM, TAG_COMPARISON, TAG_LOSS
+from prefopt.tracking.tracker import TAG_ALGORITHM, TAG_COMPARISON, TAG_LOSS, TAG_SWEEP, TAG_SWEEP_PARENT
 
 DEFAULT_X = "eval/kl"
 DEFAULT_Y = "eval/reward"
@@ -94,13 +94,27 @@ def load_curves(client: MlflowClient, runs: list[Run], *, x: str,
     return curves, skipped
 
 
+def sweep_experiment(uri: str, sweep: str) -> str:
+    """The experiment of sweep `sweep`'s parent run (prefopt.sweep), or a TrackingError."""
+    client = mlflow_client(uri)
+    for exp in client.search_experiments():
+        found = client.search_runs([exp.experiment_id], max_results=1, filter_string=(
+            f"tags.`{TAG_SWEEP}` = '{sweep}' and tags.`{TAG_SWEEP_PARENT}` = 'true'"))
+        if found:
+            return exp.name
+    raise TrackingError(f"no sweep {sweep!r} in {uri} (the parent run's tag {TAG_SWEEP}; `prefopt sweep` "
+                        "prints it at its end)")
+
+
 def run_comparison(uri: str, experiment: str, *, out_dir: Path, x: str = DEFAULT_X,
-                   y: str = DEFAULT_Y, at_kl: float | None = None) -> ComparisonResult:
-    """Compare every run of `experiment`; write PNG/CSV/markdown to `out_dir` and log them
-    into a new comparison run of the same experiment."""
+                   y: str = DEFAULT_Y, at_kl: float | None = None, sweep: str | None = None) -> ComparisonResult:
+    """Compare every run of `experiment` (or of sweep `sweep` only: its trials); write
+    PNG/CSV/markdown to `out_dir` and log them into a new comparison run of the same experiment."""
     client = mlflow_client(uri)
     exp = find_experiment(client, experiment, uri)
-    runs = [r for r in search_runs(client, exp.experiment_id) if not is_comparison(r)]
+    runs = [r for r in search_runs(client, exp.experiment_id)
+            if not is_comparison(r) and r.data.tags.get(TAG_SWEEP_PARENT) != "true"
+            and (sweep is None or r.data.tags.get(TAG_SWEEP) == sweep)]
     curves, skipped = load_curves(client, runs, x=x, y=y)
     comparison = compare(curves, at_kl=at_kl)
     if not comparison.rows:

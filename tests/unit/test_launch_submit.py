@@ -196,7 +196,7 @@ def test_the_entrypoint_writes_the_shipped_config_and_runs_train_on_it(tmp_path,
     subprocess.run(["/bin/sh", "-c", entrypoint("my config.yaml")], env={**env, CONFIG_ENV: os.environ[CONFIG_ENV]},
                    check=True, timeout=30)
     args = (tmp_path / "ran").read_text().split()
-    assert args[:3] == ["-m", "prefopt", "train"] and args[3].endswith("/my-config.yaml")
+    assert args[:3] == ["-m", "prefopt.launch.job_entry", "train"] and args[3].endswith("/my-config.yaml")
     assert load_config(tmp_path / "ran.yaml") == shipped
     assert load_config(tmp_path / "ran.yaml").tracking.run_name == "cost-$HOME-${NOPE}"
 
@@ -229,7 +229,7 @@ def test_plan_runtime_env_and_the_options_ray_would_refuse(tmp_path):
     shipped = base64.b64decode(sub.runtime_env["env_vars"][CONFIG_ENV]).decode()
     assert RunConfig.model_validate(yaml.safe_load(shipped)) == shipped_config(run)
     assert sub.submission_id.startswith("prefopt-dpo-") and sub.metadata["prefopt.config"] == str(TINY_DPO)
-    assert sub.entrypoint.endswith('exec python -m prefopt train "$dir"/dpo.yaml')
+    assert sub.entrypoint.endswith('exec python -m prefopt.launch.job_entry train "$dir"/dpo.yaml')
     assert sub.notes == []  # an absolute output_dir and a tracking server: nothing to warn about
     image = plan(run, TINY_DPO, package=None, image="registry/prefopt:1", environ={})
     assert image.runtime_env.keys() == {"env_vars", "image_uri"}
