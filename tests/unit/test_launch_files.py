@@ -354,7 +354,8 @@ def test_rayjob_holds_the_16_gpu_config():
 def test_rayjob_entrypoint_reads_the_config_from_its_configmap():
     job = load(RAYJOB)
     head = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
-    config_path = re.match(r"^(?:python -m )?prefopt train (/\S+\.yaml)\b", job["spec"]["entrypoint"])[1]
+    config_path = re.match(r"^(?:python -m prefopt\.launch\.job_entry|prefopt) train (/\S+\.yaml)\b",
+                           job["spec"]["entrypoint"])[1]
     mounts = {m["mountPath"]: m["name"] for m in head["containers"][0]["volumeMounts"]}
     mount_dir = str(Path(config_path).parent)
     volume = next(v for v in head["volumes"] if v["name"] == mounts[mount_dir])
