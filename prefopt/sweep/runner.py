@@ -85,8 +85,8 @@ def run_sweep(sweep: Sweep, console) -> SweepResult:
     try:
         if todo:
             _tune(sweep, todo, parent, concurrency, console, ends)
-    except KeyboardInterrupt:
-        parent.finish("KILLED")
+    except BaseException as exc:
+        parent.finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
     wall = time.perf_counter() - t0
     for trial in todo:

@@ -153,3 +153,17 @@ def test_trials_beyond_the_machine_queue_and_a_killed_sweep_resumes(tmp_path):
         assert sorted(steps) == list(range(1, 7)), (r.data.tags["prefopt.sweep.trial"], steps)
     for name in ("dpo-beta=0.1-s0", "dpo-beta=0.2-s0", "dpo-beta=0.3-s0"):
         assert json.loads((sweep_dir / name / "sweep-trial.json").read_text())["status"] == "finished"
+
+
+def test_a_trial_that_fails_while_running_is_named_with_its_one_line_error(tmp_path):
+    """A point whose config is valid but cannot run (a model directory that is not there) fails in
+    its trial, after Tune started it; the summary names it with the run's own one-line error."""
+    args = sweep_args(tmp_path, f"model.path={tmp_path}/no-model", "train.max_steps=2")
+    proc = run(args)
+    assert proc.returncode == 6, proc.stdout + proc.stderr
+    name = f"dpo-path={str(tmp_path / 'no-model').replace('/', '_')}-s0"
+    status = json.loads((tmp_path / "sweep" / name / "sweep-trial.json").read_text())
+    assert status["status"] == "failed" and "model.path" in status["error"]
+    text = " ".join(proc.stdout.split())
+    assert f"failed {name}: model.path" in text
+    assert "Traceback" not in proc.stdout + proc.stderr
