@@ -19,9 +19,9 @@ TINY_DPO = ROOT / "configs" / "tiny" / "dpo.yaml"
 FAST = ["data.num_examples=64", "eval.num_prompts=8", "eval.sampling.max_new_tokens=8"]
 
 
-def sweep_args(out: Path, grid: str, *sets: str, seeds: int = 1) -> list[str]:
+def sweep_args(out: Path, grid: str, *sets: str, seeds: int = 1, output_dir: str | None = None) -> list[str]:
     args = [sys.executable, "-m", "prefopt", "sweep", str(TINY_DPO), "--grid", grid, "--seeds", str(seeds),
-            "--output-dir", str(out / "sweep")]
+            "--output-dir", output_dir or str(out / "sweep")]
     for s in [*FAST, f"tracking.uri=sqlite:///{out}/mlflow.db", *sets]:
         args += ["--set", s]
     return args
@@ -167,3 +167,19 @@ def test_a_trial_that_fails_while_running_is_named_with_its_one_line_error(tmp_p
     text = " ".join(proc.stdout.split())
     assert f"failed {name}: model.path" in text
     assert "Traceback" not in proc.stdout + proc.stderr
+
+
+def test_a_sweep_on_an_object_store_keeps_every_trial_state_there(tmp_path, s3):
+    from prefopt.algorithms.checkpoints import complete_checkpoints
+    from prefopt.storage import Store
+
+    bucket = s3.bucket(f"b-{os.urandom(4).hex()}")
+    args = sweep_args(tmp_path, "algorithm.beta=0.1", "train.max_steps=2", output_dir=f"{bucket}/sweep")
+    proc = run(args)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    trial = Store.at(f"{bucket}/sweep/dpo-beta=0.1-s0")
+    assert json.loads((trial / "sweep-trial.json").read_text())["status"] == "finished"
+    assert [step for step, _, _ in complete_checkpoints(trial)] == [2]
+    assert "parent_run_id" in json.loads(Store.at(f"{bucket}/sweep/sweep.json").read_text())
+    again = run(args)
+    assert again.returncode == 0 and "1 finished before" in " ".join(again.stdout.split())
