@@ -9,9 +9,10 @@ from typing import Annotated
 import typer
 from rich.syntax import Syntax
 
-from prefopt.cli_common import DEBUG, ConfigArg, SetOpt, console, guarded, resolve
+from prefopt.cli_common import DEBUG, ConfigArg, SetOpt, console, fail, guarded, resolve
 from prefopt.config import TinyModelConfig
 from prefopt.data.cli import register as register_data
+from prefopt.errors import INTERRUPTED
 from prefopt.launch.cli import register as register_launch
 from prefopt.tracking.cli import register as register_tracking
 
@@ -153,6 +154,9 @@ def sweep(
                           output_dir=output_dir)
         result = run_sweep(spec, console)
         print_summary(spec, result, console)
+        if result.interrupted:
+            fail(f"interrupted: {len(result.interrupted)} trial(s) did not end; the same command resumes them "
+                 "from their checkpoints", INTERRUPTED)
         if result.failed:
             raise SweepFailed(f"{len(result.failed)} of {len(result.trials)} trials failed (named above); "
                               f"fix them and run the same command again: finished trials are skipped")

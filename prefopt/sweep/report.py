@@ -14,7 +14,8 @@ def print_summary(sweep: Sweep, result: SweepResult, console) -> None:
         table.add_column(column, justify="left" if column in ("trial", "end") else "right")
     for end in result.trials:
         m = end.final_metrics
-        shown = {"failed": "[red]failed[/]", "skipped": "finished before"}.get(end.status, end.status)
+        shown = {"failed": "[red]failed[/]", "skipped": "finished before",
+                 "interrupted": "[yellow]interrupted[/]"}.get(end.status, end.status)
         table.add_row(end.id, shown, f"{end.seconds:.0f}" if end.seconds else "",
                       _fmt(m.get("eval/reward")), _fmt(m.get("eval/kl")))
     console.print(table)

@@ -29,7 +29,7 @@ SWEEP_STATE = "sweep.json"  # in the sweep's output_dir: the parent MLflow run's
 @dataclass
 class TrialEnd:
     id: str
-    status: str  # finished | failed | skipped (finished by an earlier invocation)
+    status: str  # finished | failed | skipped (finished by an earlier invocation) | interrupted
     seconds: float = 0.0  # the trial's own wall time, this invocation (0 when skipped)
     error: str | None = None
     final_metrics: dict = field(default_factory=dict)
@@ -45,6 +45,10 @@ class SweepResult:
     @property
     def failed(self) -> list[TrialEnd]:
         return [t for t in self.trials if t.status == "failed"]
+
+    @property
+    def interrupted(self) -> list[TrialEnd]:
+        return [t for t in self.trials if t.status == "interrupted"]
 
     @property
     def efficiency(self) -> float | None:
@@ -84,23 +88,24 @@ def run_sweep(sweep: Sweep, console) -> SweepResult:
     t0 = time.perf_counter()
     try:
         if todo:
-            _tune(sweep, todo, parent, concurrency, console, ends)
+            _tune(sweep, todo, parent, concurrency, console)
     except BaseException as exc:
         parent.finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
     wall = time.perf_counter() - t0
     for trial in todo:
         done = _status(store / trial.id / TRIAL_STATUS)
-        end = ends.get(trial.id) or TrialEnd(trial.id, "failed", error="ended without a word (killed?)")
+        # Stopped before it could say (Ctrl-C, a lost node): the same command resumes it.
+        end = TrialEnd(trial.id, "interrupted")
         if done.get("status") in ("finished", "failed"):
             end = TrialEnd(trial.id, done["status"], done.get("seconds", 0.0), done.get("error"),
                            done.get("final_metrics", {}))
         ends[trial.id] = end
     result = SweepResult([ends[t.id] for t in sweep.trials], wall, concurrency, parent.run_id)
-    parent.log_metrics({"sweep/trials_finished": sum(t.status != "failed" for t in result.trials),
+    parent.log_metrics({"sweep/trials_finished": sum(t.status in ("finished", "skipped") for t in result.trials),
                         "sweep/trials_failed": len(result.failed), "sweep/wall_seconds": wall,
                         **({"sweep/scheduling_efficiency": result.efficiency} if result.efficiency else {})}, step=0)
-    parent.finish("FAILED" if result.failed else "FINISHED")
+    parent.finish("FAILED" if result.failed else "KILLED" if result.interrupted else "FINISHED")
     return result
 
 
@@ -228,7 +233,7 @@ def _forget_unfinished_runs(sweep: Sweep, trial: Trial, parent) -> None:
 # ----------------------------------------------------------------------------- Tune
 
 
-def _tune(sweep: Sweep, todo: list[Trial], parent, concurrency: int, console, ends: dict) -> None:
+def _tune(sweep: Sweep, todo: list[Trial], parent, concurrency: int, console) -> None:
     from pathlib import Path
 
     from prefopt.storage import local_dir_for
