@@ -417,6 +417,8 @@ class EvalConfig(Section):
 
     every_steps: int | None = Field(50, ge=1, description="null: only at step 0 and at the end")
     num_prompts: int = Field(64, ge=1)
+    samples_per_prompt: int = Field(1, ge=1, description="completions per prompt: more lower the variance "
+                                    "of reward and KL; errors are over prompts")
     sampling: SamplingConfig = SamplingConfig()
 
 

@@ -48,10 +48,15 @@ def _heldout(cfg: RunConfig, inputs, console):
 
 
 def _evaluate(group, heldout, step: int, tracker, console) -> dict[str, float]:
+    from prefopt.eval.stats import mean_and_se
+
     rewards = group.split("heldout_rewards", list(range(heldout.num_rows)))
-    metrics = {"eval/rm_accuracy": sum(c > r for c, r in rewards) / len(rewards),
+    # A tie is half a win (as eval/win_rate counts it): a fresh head scoring every pair 0 is at 0.5.
+    accuracy, accuracy_se = mean_and_se([1.0 if c > r else 0.5 if c == r else 0.0 for c, r in rewards])
+    metrics = {"eval/rm_accuracy": accuracy, "eval/rm_accuracy_se": accuracy_se,
                "eval/rm_margin": sum(c - r for c, r in rewards) / len(rewards)}
     tracker.log_metrics(metrics, step=step)
     console.print(f"eval at step {step}: held-out pairwise accuracy {metrics['eval/rm_accuracy']:.3f} "
+                  f"± {metrics['eval/rm_accuracy_se']:.3f} "
                   f"({len(rewards)} pairs), mean margin {metrics['eval/rm_margin']:.3f}")
     return metrics

@@ -179,10 +179,14 @@ class Session:
 
 
 def log_evaluation(evaluator, policy, step: int, tracker, console) -> dict[str, float]:
+    from prefopt.tracking.tracker import TAG_EVAL_FINGERPRINT
+
     result = evaluator(policy)
+    tracker.set_tags({TAG_EVAL_FINGERPRINT: evaluator.fingerprint})
     tracker.log_metrics(result.metrics, step=step)
     tracker.log_generations(result.samples, step=step)
     m = result.metrics
-    console.print(f"eval at step {step}: reward {m['eval/reward']:.3f} (reference {m['eval/reference_reward']:.3f}), "
-                  f"KL to reference {m['eval/kl']:.2f} nats, win rate vs reference {m['eval/win_rate']:.2f}")
+    console.print(f"eval at step {step}: reward {m['eval/reward']:.3f} ± {m['eval/reward_se']:.3f} (reference "
+                  f"{m['eval/reference_reward']:.3f}), KL to reference {m['eval/kl']:.2f} ± {m['eval/kl_se']:.2f} "
+                  f"nats, win rate vs reference {m['eval/win_rate']:.2f} ± {m['eval/win_rate_se']:.2f}")
     return m

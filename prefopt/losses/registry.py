@@ -246,7 +246,9 @@ def unpaired_loss(
 def reward_loss(name: str, *, chosen_rewards: Tensor, rejected_rewards: Tensor, **params: Any) -> LossOutput:
     """Run reward-model loss `name` on B pairs of scalar rewards [B] (any float dtype; fp32 math).
 
-    Metrics: loss, rm/accuracy (share of pairs with r_c > r_r), rm/margin (mean r_c − r_r),
+    Metrics: loss, rm/accuracy (share of pairs with r_c > r_r, a tie counting one half, as
+    eval/win_rate counts it: a fresh head that scores every pair alike is at chance, 0.5, not 0),
+    rm/margin (mean r_c − r_r),
     rewards/chosen, rewards/rejected (mean rewards)."""
     if name not in REWARD_LOSSES:
         raise ValueError(f"loss {name!r} is not a reward-model loss (known: {', '.join(REWARD_LOSSES)})")
@@ -256,7 +258,8 @@ def reward_loss(name: str, *, chosen_rewards: Tensor, rejected_rewards: Tensor, 
     per_example = _FUNCTIONS[name](chosen, rejected, **params)
     loss = per_example.mean()
     with torch.no_grad():
-        values = {"loss": loss, "rm/accuracy": (chosen > rejected).float().mean(),
+        wins = (chosen > rejected).float() + 0.5 * (chosen == rejected).float()
+        values = {"loss": loss, "rm/accuracy": wins.mean(),
                   "rm/margin": (chosen - rejected).mean(), "rewards/chosen": chosen.mean(),
                   "rewards/rejected": rejected.mean()}
     return LossOutput(loss, per_example, _to_floats(values))

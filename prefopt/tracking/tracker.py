@@ -49,6 +49,7 @@ TAG_VERSION = "prefopt.version"
 TAG_GIT_COMMIT = "mlflow.source.git.commit"  # MLflow's own name: the UI shows it
 TAG_DATA_FINGERPRINT = "data.fingerprint"
 TAG_REFCACHE_FINGERPRINT = "refcache.fingerprint"
+TAG_EVAL_FINGERPRINT = "eval.fingerprint"  # prompts, sampler, samples per prompt, KL estimator (prefopt.eval)
 TAG_COMPARISON = "prefopt.comparison"  # marks the runs `prefopt compare` writes
 TAG_PARAMS_CHANGED = "prefopt.params_changed_on_resume"
 # A sweep (prefopt.sweep): its id on the parent run and on every trial's run, and each trial's own.

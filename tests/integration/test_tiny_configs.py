@@ -61,3 +61,13 @@ def test_tiny_config_trains(name, tmp_path, tiny_model_dir, ray_local):
     assert (tmp_path / "refcache").exists() == (name not in REFERENCE_FREE)
     assert {"eval/reward", "eval/kl", "eval/win_rate"} <= result.final_metrics.keys()
     assert 0.0 <= result.final_metrics["eval/reward"] <= 1.0
+    # Each point with its standard error over prompts, and the evaluation's fingerprint on the run.
+    m = result.final_metrics
+    assert m["eval/kl_se"] > 0, m  # the log-ratios of different samples differ once the policy moved
+    assert m["eval/reward_se"] >= 0 and 0 <= m["eval/win_rate_se"] <= 0.5, m
+    from mlflow import MlflowClient
+
+    from prefopt.tracking.store import resolve_tracking_uri
+
+    tags = MlflowClient(resolve_tracking_uri(cfg)).get_run(result.run_id).data.tags
+    assert len(tags["eval.fingerprint"]) == 16

@@ -216,3 +216,15 @@ def test_loss_params_are_checked_by_the_loss_library():
         load_config(TINY, ["algorithm.name=dpo", "algorithm.gamma=1.0"])
     with pytest.raises(ConfigError, match="loss 'sft' does not take parameter 'beta'"):
         load_config(TINY, ["algorithm.name=sft"])  # the tiny DPO config sets beta
+
+
+def test_the_tiny_configs_share_one_evaluation():
+    """Points of different tiny configs lie on one reward-KL plane only if they were evaluated
+    alike: same prompts, sampler and samples per prompt (when to evaluate may differ)."""
+    sampled = {}
+    for path in sorted((ROOT / "configs" / "tiny").glob("*.yaml")) + [ROOT / "prefopt" / "demo.yaml"]:
+        cfg = load_config(path)
+        if cfg.data.task is not None and cfg.algorithm.name != "reward_model":
+            sampled[path.name] = cfg.eval.model_dump(exclude={"every_steps"})
+    assert len(sampled) >= 9
+    assert len({str(v) for v in sampled.values()}) == 1, sampled

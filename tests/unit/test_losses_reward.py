@@ -14,7 +14,7 @@ def test_bradley_terry_by_hand():
     # -log sigmoid(d) = log(1 + e^-d): d = 1, -1, 0
     expected = [math.log(1 + math.exp(-1)), math.log(1 + math.exp(1)), math.log(2)]
     assert out.per_example.tolist() == pytest.approx(expected)
-    assert out.metrics["rm/accuracy"] == pytest.approx(1 / 3)  # a tie is not a win
+    assert out.metrics["rm/accuracy"] == pytest.approx((1 + 0.5) / 3)  # a tie is half a win
     assert out.metrics["rm/margin"] == pytest.approx(0.0)
     assert out.metrics["rewards/chosen"] == pytest.approx(2 / 3)
 
@@ -31,3 +31,9 @@ def test_margin_and_centring():
         reward_loss("reward_model", chosen_rewards=chosen, rejected_rewards=rejected, margin=-1.0)
     with pytest.raises(ValueError, match="not a reward-model loss"):
         reward_loss("dpo", chosen_rewards=chosen, rejected_rewards=rejected)
+
+
+def test_a_head_that_scores_every_completion_alike_is_at_chance():
+    constant = torch.zeros(8)
+    out = reward_loss("reward_model", chosen_rewards=constant, rejected_rewards=constant.clone())
+    assert out.metrics["rm/accuracy"] == pytest.approx(0.5)
