@@ -330,6 +330,8 @@ def run_steps(cfg: RunConfig, steps, save, run: Run, tracker, console, state: di
     # before the kill, with the same values (resume is exact): log each step once.
     logged_until = tracker.last_step("loss") if run.checkpoint is not None else 0
     metrics: dict[str, float] = {}
+    if run.checkpoint is not None:
+        state.setdefault("tokens_total", run.checkpoint[1].get("tokens_total", 0.0))
     if evaluate is not None and run.start_step == 0:
         evaluate(0)
     columns = [TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
@@ -343,6 +345,10 @@ def run_steps(cfg: RunConfig, steps, save, run: Run, tracker, console, state: di
             rate = sum(m["tokens"] for m in per_step) / max(time.perf_counter() - t0, 1e-9)
             for step, metrics in enumerate(per_step, start=first + 1):
                 metrics["tokens_per_second"] = rate
+                # The compute the run has used so far (it travels in the checkpoint's state), so
+                # that methods can be compared at equal cost too.
+                state["tokens_total"] = state.get("tokens_total", 0.0) + metrics["tokens"]
+                metrics["compute/tokens"] = state["tokens_total"]
                 log_file.write(json.dumps({"step": step, **metrics}) + "\n")
                 if (step % t.log_steps == 0 or step == t.max_steps) and step > logged_until:
                     tracker.log_metrics(metrics, step=step)

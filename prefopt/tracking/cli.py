@@ -78,16 +78,27 @@ def compare_cmd(
         typer.Option("--sweep", help="only this sweep's trials (the id `prefopt sweep` prints); the experiment "
                      "is the sweep's", show_default=False),
     ] = None,
+    kl_levels: Annotated[
+        str | None,
+        typer.Option("--kl-levels", help="KLs of the matched-KL table, e.g. 1,2,4 [default: a quarter, a half "
+                     "and all of the matched KL]", show_default=False),
+    ] = None,
+    eval_fingerprint: Annotated[
+        str | None,
+        typer.Option("--eval-fingerprint", help="compare the runs evaluated this way (tag eval.fingerprint, a "
+                     "prefix is enough) [default: the evaluation most runs share]", show_default=False),
+    ] = None,
     tracking_uri: UriOpt = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
-    """Compare methods: reward-vs-KL frontier per algorithm/loss, table of runs, logged back."""
+    """Compare methods: reward-vs-KL frontier per method with error bars and seed bands, the
+    matched-KL table with standard errors and differences, logged back to MLflow."""
     from mlflow.exceptions import MlflowException
 
     from prefopt.storage import is_remote
     from prefopt.tracking.compare import run_comparison, sweep_experiment
-    from prefopt.tracking.report import display_rows, fmt, headers
+    from prefopt.tracking.report import difference_lines, display_rows, fmt, headers, level_headers, level_rows
 
     cfg, uri, name = _context(config, set_, tracking_uri, experiment)
     if sweep is not None and experiment is None:
@@ -100,7 +111,11 @@ def compare_cmd(
     out_dir = out or (Path(".") if is_remote(cfg.output_dir) else default_store_dir(cfg.output_dir)) / "compare" / slug(name)
     try:
         with console.status(f"reading runs of {name!r}"):
-            result = run_comparison(uri, name, out_dir=out_dir, x=x, y=y, at_kl=at_kl, sweep=sweep)
+            levels = None if kl_levels is None else [float(v) for v in kl_levels.split(",") if v.strip()]
+            result = run_comparison(uri, name, out_dir=out_dir, x=x, y=y, at_kl=at_kl, sweep=sweep, levels=levels,
+                                    eval_fingerprint=eval_fingerprint)
+    except ValueError:
+        fail(f"--kl-levels {kl_levels}: expected numbers separated by commas, e.g. 1,2,4")
     except (TrackingError, MlflowException) as exc:
         fail(str(exc))
     cmp = result.comparison
@@ -114,12 +129,26 @@ def compare_cmd(
     if cmp.matched_kl is not None:
         best = ", ".join(f"{m} {fmt(v)}" for m, v in cmp.series_at_matched_kl.items())
         console.print(f"frontier at {x} = {fmt(cmp.matched_kl)}: {best}", highlight=False)
+    if cmp.levels:
+        levels_table = Table(title=f"{y} at matched {x}", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+        for i, head in enumerate(level_headers(cmp, x)):
+            levels_table.add_column(head, justify="right" if i else "left")
+        for cells in level_rows(cmp):
+            levels_table.add_row(*cells)
+        console.print(levels_table)
+        for text in difference_lines(cmp, x):
+            console.print(text, highlight=False)
+    if result.evaluated_apart:
+        apart = "; ".join(f"{fp}: {', '.join(names)}" for fp, names in result.evaluated_apart.items())
+        console.print(f"[yellow]{sum(map(len, result.evaluated_apart.values()))} run(s) were evaluated differently "
+                      f"(other prompts, sampler, samples per prompt or KL estimator) and are not on this plane: "
+                      f"{apart}; compare them with --eval-fingerprint[/]", highlight=False)
     if result.skipped:
         console.print(f"[dim]{len(result.skipped)} run(s) without both {x} and {y} left out: "
                       f"{', '.join(result.skipped)}[/]", highlight=False)
     console.print(f"wrote {result.png}, {result.csv}, {result.markdown}", highlight=False)
-    console.print(f"logged as run {result.comparison_run_id} of {name!r} ({ui_hint(uri)})",
-                  highlight=False)
+    where = f"the sweep's parent run {result.comparison_run_id}" if sweep else f"run {result.comparison_run_id}"
+    console.print(f"logged to {where} of {name!r} ({ui_hint(uri)})", highlight=False)
 
 
 def runs_cmd(

@@ -20,6 +20,8 @@ class Point:
     x: float  # e.g. eval/kl
     y: float  # e.g. eval/reward
     step: int = 0
+    x_se: float | None = None  # the evaluation's standard errors over prompts, when logged
+    y_se: float | None = None
 
 
 @dataclass
@@ -28,10 +30,45 @@ class RunCurve:
 
     run_id: str
     run_name: str
-    method: str  # the series: loss tag, else algorithm tag
+    method: str  # the series: 'dpo', 'ppo-gt', 'ppo-rm-rloo' (compare.method_of)
     params: str  # the method's parameters, for the table ('beta=0.1')
     points: list[Point]
     win_rates: dict[int, float] = field(default_factory=dict)  # step -> eval/win_rate
+    seed: str | None = None  # a sweep trial's seed: runs of one method and seed make one frontier
+    tokens: float | None = None  # the compute the run used: tokens trained on, wall seconds
+    seconds: float | None = None
+
+
+@dataclass
+class AtKL:
+    """A method's frontier reward at one KL level, with its standard error."""
+
+    kl: float
+    reward: float
+    se: float | None
+    seeds: int  # seed frontiers that reach this KL; with 2 or more, se is over seeds
+    source: str  # "seeds": the spread of the seeds' frontiers; "evaluation": the points' own errors
+
+
+@dataclass
+class Difference:
+    """method a minus method b at one KL level, with a 95% interval (errors combined in quadrature)."""
+
+    a: str
+    b: str
+    kl: float
+    diff: float
+    se: float | None
+
+    @property
+    def interval(self) -> tuple[float, float] | None:
+        return None if self.se is None else (self.diff - 1.96 * self.se, self.diff + 1.96 * self.se)
+
+    @property
+    def within_errors(self) -> bool:
+        """The interval holds 0: the data cannot tell the two methods apart at this KL."""
+        lo_hi = self.interval
+        return lo_hi is None or lo_hi[0] <= 0 <= lo_hi[1]
 
 
 @dataclass
@@ -48,6 +85,10 @@ class RunSummary:
     step_at_best: int
     reward_at_matched_kl: float | None
     win_rate: float | None  # at the evaluation with the best reward, when logged
+    best_reward_se: float | None = None
+    seed: str | None = None
+    tokens: float | None = None
+    seconds: float | None = None
 
 
 @dataclass
@@ -57,6 +98,10 @@ class Comparison:
     series: dict[str, list[Point]]  # method -> every point of its runs
     frontiers: dict[str, list[Point]]  # method -> hull vertices, KL and reward increasing
     series_at_matched_kl: dict[str, float | None]
+    levels: list[float] = field(default_factory=list)  # KLs of the matched-KL table
+    at_levels: dict[str, list[AtKL | None]] = field(default_factory=dict)  # method -> one per level
+    differences: list[Difference] = field(default_factory=list)
+    bands: dict[str, list[tuple[float, float, float]]] = field(default_factory=dict)  # method -> (kl, lo, hi)
 
 
 def pair_by_step(xs: Iterable[tuple[int, float]], ys: Iterable[tuple[int, float]]) -> list[Point]:
@@ -133,10 +178,15 @@ def summarise_run(curve: RunCurve, at_kl: float | None) -> RunSummary | None:
         step_at_best=best.step,
         reward_at_matched_kl=None if at_kl is None else value_at(upper_frontier(finite), at_kl),
         win_rate=curve.win_rates.get(best.step),
+        best_reward_se=best.y_se,
+        seed=curve.seed,
+        tokens=curve.tokens,
+        seconds=curve.seconds,
     )
 
 
-def compare(curves: Sequence[RunCurve], at_kl: float | None = None) -> Comparison:
+def compare(curves: Sequence[RunCurve], at_kl: float | None = None,
+            levels: Sequence[float] | None = None) -> Comparison:
     """Frontiers per method and one summary row per run with an evaluation.
 
     `at_kl` is the KL budget where runs are compared, by default `matched_kl` of the methods.
@@ -155,8 +205,93 @@ def compare(curves: Sequence[RunCurve], at_kl: float | None = None) -> Compariso
                              r.run_name))
     frontiers = {m: upper_frontier(pts) for m, pts in series.items()}
     at_matched = {m: None if at_kl is None else value_at(f, at_kl) for m, f in frontiers.items()}
+    levels = kl_levels(at_kl, levels)
+    by_method: dict[str, list[RunCurve]] = {}
+    for c in usable:
+        by_method.setdefault(c.method, []).append(c)
+    at_levels = {m: [method_at_kl(by_method[m], kl) for kl in levels] for m in series}
     return Comparison(rows=rows, matched_kl=at_kl, series=series, frontiers=frontiers,
-                      series_at_matched_kl=at_matched)
+                      series_at_matched_kl=at_matched, levels=levels, at_levels=at_levels,
+                      differences=differences(at_levels, levels),
+                      bands={m: band(by_method[m]) for m in series})
+
+
+def kl_levels(matched: float | None, given: Sequence[float] | None = None) -> list[float]:
+    """The KLs of the matched-KL table: those given, else a quarter, a half and all of the matched KL."""
+    if given:
+        return sorted(given)
+    if matched is None or not math.isfinite(matched) or matched <= 0:
+        return []
+    return [matched / 4, matched / 2, matched]
+
+
+def seed_frontiers(curves: Sequence[RunCurve]) -> list[list[Point]]:
+    """One frontier per seed over the method's runs of that seed (runs of no sweep: one group)."""
+    groups: dict[str | None, list[Point]] = {}
+    for c in curves:
+        groups.setdefault(c.seed, []).extend(c.points)
+    return [f for pts in groups.values() if (f := upper_frontier(pts))]
+
+
+def method_at_kl(curves: Sequence[RunCurve], kl: float) -> AtKL | None:
+    """The method's frontier reward at `kl` and its standard error: over its seeds' frontiers
+    when two or more reach `kl` (training and evaluation noise both), else from the evaluations'
+    own errors at the two vertices around `kl` (evaluation noise only). None when no frontier
+    reaches down to `kl`."""
+    values = [v for f in seed_frontiers(curves) if (v := value_at(f, kl)) is not None]
+    if not values:
+        return None
+    if len(values) >= 2:
+        mean = sum(values) / len(values)
+        spread = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1) / len(values))
+        return AtKL(kl, mean, spread, len(values), "seeds")
+    frontier = seed_frontiers(curves)[0]
+    return AtKL(kl, values[0], se_at(frontier, kl), 1, "evaluation")
+
+
+def se_at(frontier: Sequence[Point], x: float) -> float | None:
+    """The evaluation error of a frontier's value at x: interpolated like the value, from the
+    vertices' own y errors (None when they were not logged)."""
+    if not frontier or x < frontier[0].x:
+        return None
+    for a, b in zip(frontier, frontier[1:], strict=False):
+        if x <= b.x:
+            if a.y_se is None or b.y_se is None:
+                return None
+            t = (x - a.x) / (b.x - a.x)
+            return math.hypot((1 - t) * a.y_se, t * b.y_se)
+    return frontier[-1].y_se
+
+
+def differences(at_levels: dict[str, list[AtKL | None]], levels: Sequence[float]) -> list[Difference]:
+    """Every pair of methods at every level both reach: a − b, in the table's method order."""
+    out = []
+    methods = list(at_levels)
+    for i, kl in enumerate(levels):
+        for ai, a in enumerate(methods):
+            for b in methods[ai + 1:]:
+                va, vb = at_levels[a][i], at_levels[b][i]
+                if va is None or vb is None:
+                    continue
+                se = None if va.se is None or vb.se is None else math.hypot(va.se, vb.se)
+                out.append(Difference(a, b, kl, va.reward - vb.reward, se))
+    return out
+
+
+def band(curves: Sequence[RunCurve], num: int = 40) -> list[tuple[float, float, float]]:
+    """The band the method's seeds spread over: (kl, mean − se, mean + se) on a KL grid, where
+    two or more seed frontiers reach; empty with fewer than two seeds."""
+    frontiers = seed_frontiers(curves)
+    if len(frontiers) < 2:
+        return []
+    lo, hi = max(f[0].x for f in frontiers), max(f[-1].x for f in frontiers)
+    out = []
+    for i in range(num + 1):
+        kl = lo + (hi - lo) * i / num
+        at = method_at_kl(curves, kl)
+        if at is not None and at.se is not None and at.seeds >= 2:
+            out.append((kl, at.reward - at.se, at.reward + at.se))
+    return out
 
 
 def _or_minus_inf(value: float | None) -> float:

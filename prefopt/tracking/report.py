@@ -17,8 +17,8 @@ from prefopt.tracking.frontier import Comparison
 
 # CSV columns, in order. "reward" is the --y metric and "kl" the --x metric.
 CSV_COLUMNS = (
-    "method", "run_name", "params", "best_reward", "kl_at_best", "step_at_best",
-    "reward_at_matched_kl", "matched_kl", "win_rate", "num_evals", "run_id",
+    "method", "run_name", "params", "seed", "best_reward", "best_reward_se", "kl_at_best", "step_at_best",
+    "reward_at_matched_kl", "matched_kl", "win_rate", "num_evals", "tokens", "seconds", "run_id",
 )
 
 
@@ -31,19 +31,66 @@ def fmt(value: float | int | str | None) -> str:
     return str(value)
 
 
+def pm(value: float | None, se: float | None) -> str:
+    """'0.812 ± 0.011'; the value alone without an error; '-' when missing."""
+    if value is None:
+        return "-"
+    return fmt(value) if se is None else f"{value:.3f} ± {se:.3f}"
+
+
 def headers(comparison: Comparison, x: str, y: str) -> list[str]:
     """Column titles of the printed and markdown tables ('eval/reward' shows as 'reward')."""
     xs, ys = x.rsplit("/", 1)[-1], y.rsplit("/", 1)[-1]
     at = f"{ys} at {xs}={fmt(comparison.matched_kl)}"
-    return ["method", "run", "params", f"best {ys}", f"{xs} at best", at, "win rate", "evals"]
+    return ["method", "run", "params", f"best {ys}", f"{xs} at best", at, "win rate", "evals", "tokens",
+            "seconds"]
 
 
 def display_rows(comparison: Comparison) -> list[list[str]]:
     return [
-        [r.method, r.run_name, r.params or "-", fmt(r.best_reward), fmt(r.kl_at_best),
-         fmt(r.reward_at_matched_kl), fmt(r.win_rate), str(r.num_evals)]
+        [r.method, r.run_name, r.params or "-", pm(r.best_reward, r.best_reward_se), fmt(r.kl_at_best),
+         fmt(r.reward_at_matched_kl), fmt(r.win_rate), str(r.num_evals), _count(r.tokens), _count(r.seconds)]
         for r in comparison.rows
     ]
+
+
+def _count(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.0f}"
+
+
+def level_headers(comparison: Comparison, x: str) -> list[str]:
+    xs = x.rsplit("/", 1)[-1]
+    return ["method"] + [f"at {xs}={fmt(kl)}" for kl in comparison.levels]
+
+
+def level_rows(comparison: Comparison) -> list[list[str]]:
+    """The matched-KL table: each method's frontier reward ± its error at each level; the error is
+    over seeds ("n seeds") where two or more reach the level, else the evaluation's own ("eval")."""
+    rows = []
+    for method, cells in comparison.at_levels.items():
+        row = [method]
+        for at in cells:
+            row.append("-" if at is None else pm(at.reward, at.se)
+                       + (f" ({at.seeds} seeds)" if at.source == "seeds" else " (eval)"))
+        rows.append(row)
+    return rows
+
+
+def difference_lines(comparison: Comparison, x: str) -> list[str]:
+    """Each pair of methods at each level: the difference, its 95% interval, and whether the data
+    can tell them apart."""
+    xs = x.rsplit("/", 1)[-1]
+    lines = []
+    for d in comparison.differences:
+        interval = d.interval
+        if interval is None:
+            lines.append(f"{d.a} − {d.b} at {xs}={fmt(d.kl)}: {d.diff:+.3f} (no error logged)")
+            continue
+        verdict = ("within errors: the data cannot tell them apart" if d.within_errors
+                   else f"{d.a if d.diff > 0 else d.b} higher, by {abs(d.diff) / d.se:.1f} standard errors")
+        lines.append(f"{d.a} − {d.b} at {xs}={fmt(d.kl)}: {d.diff:+.3f} ± {d.se:.3f} "
+                     f"(95%: {interval[0]:+.3f} to {interval[1]:+.3f}); {verdict}")
+    return lines
 
 
 def write_csv(comparison: Comparison, path: Path) -> Path:
@@ -70,6 +117,12 @@ def write_markdown(comparison: Comparison, path: Path, *, experiment: str, x: st
         lines += ["", f"Frontier of each method at {x} = {fmt(comparison.matched_kl)}: "
                   + ", ".join(f"{m} {fmt(v)}" for m, v in comparison.series_at_matched_kl.items())
                   + "."]
+    if comparison.levels:
+        head = level_headers(comparison, x)
+        lines += ["", f"## {y} at matched {x}", "", line(head), line(["---"] * len(head))]
+        lines += [line(cells) for cells in level_rows(comparison)]
+        if comparison.differences:
+            lines += [""] + [f"- {text}" for text in difference_lines(comparison, x)]
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -85,8 +138,13 @@ def plot_frontier(comparison: Comparison, path: Path, *, x: str, y: str, title: 
     colours = [f"C{i % 10}" for i in range(len(comparison.series))]
     for colour, (method, points) in zip(colours, comparison.series.items(), strict=True):
         runs = sum(1 for r in comparison.rows if r.method == method)
-        ax.scatter([p.x for p in points], [p.y for p in points], s=16, alpha=0.35,
-                   color=colour, linewidths=0)
+        # Every evaluation with its standard errors over prompts (where logged).
+        ax.errorbar([p.x for p in points], [p.y for p in points],
+                    xerr=[p.x_se or 0.0 for p in points], yerr=[p.y_se or 0.0 for p in points],
+                    fmt="o", ms=3, alpha=0.35, color=colour, elinewidth=0.8, capsize=0)
+        if band := comparison.bands.get(method):  # the spread of its seeds' frontiers (± one error)
+            ax.fill_between([b[0] for b in band], [b[1] for b in band], [b[2] for b in band],
+                            color=colour, alpha=0.15, linewidth=0)
         hull = comparison.frontiers[method]
         ax.plot([p.x for p in hull], [p.y for p in hull], "-o", color=colour, lw=2, ms=5,
                 label=f"{method} ({runs} run{'s' if runs != 1 else ''}, {len(points)} evals)")

@@ -71,7 +71,7 @@ def test_compare_writes_png_and_a_table_whose_rows_are_the_runs(store, tmp_path)
     for name, (best, kl_at_best, at_matched, win) in EXPECTED.items():
         row = rows[name]
         assert row["run_id"] == ids[name]
-        assert row["method"] == ("ppo" if name.startswith("ppo") else "dpo")
+        assert row["method"] == ("ppo-gt" if name.startswith("ppo") else "dpo")
         assert float(row["matched_kl"]) == 4
         assert float(row["best_reward"]) == pytest.approx(best)
         assert float(row["kl_at_best"]) == pytest.approx(kl_at_best)
@@ -80,8 +80,8 @@ def test_compare_writes_png_and_a_table_whose_rows_are_the_runs(store, tmp_path)
         assert int(row["num_evals"]) == len(RUNS[name][2])
     assert rows["dpo-beta-0.1"]["params"] == "beta=0.1" and rows["ppo-kl-6"]["params"] == ""
     markdown = (out / "comparison.md").read_text()
-    assert markdown.count("\n| dpo |") == 2 and markdown.count("\n| ppo |") == 1
-    assert "dpo 0.8, ppo 0.59" in markdown
+    assert markdown.count("\n| dpo | dpo-") == 2 and markdown.count("\n| ppo-gt | ppo-") == 1
+    assert "dpo 0.8, ppo-gt 0.59" in markdown
 
     png = out / "frontier.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -97,7 +97,7 @@ def test_compare_writes_png_and_a_table_whose_rows_are_the_runs(store, tmp_path)
     assert {f.path for f in client.list_artifacts(latest.info.run_id)} == {
         "frontier.png", "comparison.csv", "comparison.md"}
     assert latest.data.metrics["matched_kl"] == 4
-    assert latest.data.metrics["frontier_at_matched_kl/ppo"] == pytest.approx(.59)
+    assert latest.data.metrics["frontier_at_matched_kl/ppo-gt"] == pytest.approx(.59)
     assert latest.info.status == "FINISHED"
 
     # Comparing again ignores the comparison runs themselves.

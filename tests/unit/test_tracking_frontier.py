@@ -11,6 +11,7 @@ from prefopt.tracking.frontier import (
     RunCurve,
     compare,
     matched_kl,
+    method_at_kl,
     pair_by_step,
     upper_frontier,
     value_at,
@@ -128,3 +129,55 @@ def test_best_reward_ties_prefer_lower_kl():
 def test_compare_nothing():
     cmp = compare([])
     assert cmp.rows == [] and cmp.matched_kl is None and cmp.frontiers == {}
+
+
+# ----------------------------------------------------------------------------- errors and seeds
+
+
+def _curve(name: str, method: str, seed: str | None, points: list[tuple[float, float, float | None]]) -> RunCurve:
+    return RunCurve(run_id=name, run_name=name, method=method, params="", seed=seed,
+                    points=[Point(x, y, i, None, se) for i, (x, y, se) in enumerate(points)])
+
+
+def test_a_method_with_seeds_is_the_mean_of_its_seed_frontiers_with_their_standard_error():
+    # Three seeds, each one run through (0, .2) and (2, r): at KL 1 each frontier gives (.2 + r) / 2.
+    curves = [_curve(f"s{i}", "dpo", str(i), [(0, .2, .01), (2, r, .01)]) for i, r in enumerate((.6, .8, 1.0))]
+    at = method_at_kl(curves, 1.0)
+    values = [.4, .5, .6]  # mean .5, sample sd .1
+    assert at.reward == pytest.approx(sum(values) / 3)
+    assert at.se == pytest.approx(0.1 / math.sqrt(3))
+    assert at.seeds == 3 and at.source == "seeds"
+
+
+def test_one_seed_takes_the_evaluations_own_errors_interpolated():
+    curve = _curve("one", "dpo", None, [(0, .2, .03), (2, .6, .04)])
+    at = method_at_kl([curve], 0.5)  # a quarter of the way: value .3, error hypot(.75 * .03, .25 * .04)
+    assert at.reward == pytest.approx(0.3)
+    assert at.se == pytest.approx(math.hypot(.75 * .03, .25 * .04))
+    assert at.seeds == 1 and at.source == "evaluation"
+    assert method_at_kl([curve], 5.0).se == pytest.approx(.04)  # flat beyond the last vertex
+    assert method_at_kl([_curve("late", "dpo", None, [(1, .5, .01)])], 0.5) is None
+
+
+def test_differences_say_when_two_methods_are_within_their_errors():
+    close = [_curve(f"a{i}", "a", str(i), [(0, .2, None), (2, r, None)]) for i, r in enumerate((.6, .7))]
+    other = [_curve(f"b{i}", "b", str(i), [(0, .2, None), (2, r, None)]) for i, r in enumerate((.62, .72))]
+    far = [_curve(f"c{i}", "c", str(i), [(0, .2, None), (2, r, None)]) for i, r in enumerate((.95, .96))]
+    cmp = compare(close + other + far, levels=[2.0])
+    diffs = {(d.a, d.b): d for d in cmp.differences}
+    assert diffs[("a", "b")].diff == pytest.approx(-.02)
+    assert diffs[("a", "b")].within_errors  # se of each: .05 -> combined .0707, interval holds 0
+    assert not diffs[("a", "c")].within_errors and diffs[("a", "c")].diff == pytest.approx(.65 - .955)
+    assert cmp.levels == [2.0] and [at.seeds for at in cmp.at_levels["c"]] == [2]
+
+
+def test_the_default_levels_are_fractions_of_the_matched_kl_and_bands_need_two_seeds():
+    seeds = [_curve(f"s{i}", "dpo", str(i), [(0, .2, None), (4, r, None)]) for i, r in enumerate((.6, .8))]
+    single = [_curve("p", "ppo-gt", None, [(0, .2, .01), (4, .7, .01)])]
+    cmp = compare(seeds + single)
+    assert cmp.matched_kl == 4 and cmp.levels == [1.0, 2.0, 4.0]
+    assert cmp.bands["ppo-gt"] == []
+    band = cmp.bands["dpo"]
+    assert band and all(lo <= hi for _, lo, hi in band) and band[-1][1] < band[-1][2]
+    kl, lo, hi = band[-1]
+    assert kl == pytest.approx(4) and (lo + hi) / 2 == pytest.approx(.7)
