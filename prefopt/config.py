@@ -419,6 +419,8 @@ class EvalConfig(Section):
     num_prompts: int = Field(64, ge=1)
     samples_per_prompt: int = Field(1, ge=1, description="completions per prompt: more lower the variance "
                                     "of reward and KL; errors are over prompts")
+    limit_samples: int = Field(0, ge=0, description="reference samples per prompt, drawn once, for best-of-N "
+                               "and the KL-regularised optimum (docs/limits.md); 0: none")
     sampling: SamplingConfig = SamplingConfig()
 
 

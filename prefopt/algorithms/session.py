@@ -179,10 +179,14 @@ class Session:
 
 
 def log_evaluation(evaluator, policy, step: int, tracker, console) -> dict[str, float]:
-    from prefopt.tracking.tracker import TAG_EVAL_FINGERPRINT
+    from prefopt.tracking.tracker import LIMITS_ARTIFACT, TAG_EVAL_FINGERPRINT, TAG_EVAL_LIMITS
 
     result = evaluator(policy)
     tracker.set_tags({TAG_EVAL_FINGERPRINT: evaluator.fingerprint})
+    if evaluator.limits is not None and not getattr(evaluator, "limits_logged", False):
+        tracker.log_dict(evaluator.limits, LIMITS_ARTIFACT)  # prefopt compare draws them
+        tracker.set_tags({TAG_EVAL_LIMITS: evaluator.limits["samples_per_prompt"]})
+        evaluator.limits_logged = True
     tracker.log_metrics(result.metrics, step=step)
     tracker.log_generations(result.samples, step=step)
     m = result.metrics

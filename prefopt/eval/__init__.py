@@ -22,7 +22,7 @@ reward — is hashed into `Evaluator.fingerprint`, logged as the run's tag `eval
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from prefopt.config import RunConfig
 
@@ -67,6 +67,23 @@ class Evaluator:
         self.ref_texts = [s["text"] for s in ref_samples]
         self.ref_rewards = self.task.reward(self.sampled_prompts, self.ref_texts)
         self.reference_reward = sum(self.ref_rewards) / len(self.ref_rewards)
+        self.limits = self._limits(cfg.eval.limit_samples) if cfg.eval.limit_samples else None
+
+    def _limits(self, n: int) -> dict:
+        """Best-of-n and the KL-regularised optimum from n samples of the reference per prompt,
+        scored by the task's reward: the limits a method's frontier is drawn under. The reference
+        is sampled as itself (temperature 1, no top-k or top-p cut), whatever eval.sampling says."""
+        import numpy as np
+
+        from prefopt.eval.limits import best_of_n, kl_optimum
+
+        plain = self.sampling | {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "greedy": False}
+        ids = [p for p in self.prompt_ids for _ in range(n)]
+        texts = [s["text"] for s in self.reference.split("generate", ids, plain, self.seed + 1)]
+        rewards = np.array(self.task.reward([p for p in self.prompts for _ in range(n)], texts)).reshape(-1, n)
+        return {"samples_per_prompt": n, "fingerprint": self.fingerprint,
+                "best_of_n": [asdict(p) for p in best_of_n(rewards)],
+                "optimum": [asdict(p) for p in kl_optimum(rewards)]}
 
     def __call__(self, policy) -> EvalResult:
         from prefopt.eval.stats import mean_and_se, per_prompt_means

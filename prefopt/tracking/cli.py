@@ -98,7 +98,15 @@ def compare_cmd(
 
     from prefopt.storage import is_remote
     from prefopt.tracking.compare import run_comparison, sweep_experiment
-    from prefopt.tracking.report import difference_lines, display_rows, fmt, headers, level_headers, level_rows
+    from prefopt.tracking.report import (
+        above_lines,
+        difference_lines,
+        display_rows,
+        fmt,
+        headers,
+        level_headers,
+        level_rows,
+    )
 
     cfg, uri, name = _context(config, set_, tracking_uri, experiment)
     if sweep is not None and experiment is None:
@@ -138,6 +146,8 @@ def compare_cmd(
         console.print(levels_table)
         for text in difference_lines(cmp, x):
             console.print(text, highlight=False)
+    for text in above_lines(cmp):
+        console.print(f"[red]{text}[/]", highlight=False)
     if result.evaluated_apart:
         apart = "; ".join(f"{fp}: {', '.join(names)}" for fp, names in result.evaluated_apart.items())
         console.print(f"[yellow]{sum(map(len, result.evaluated_apart.values()))} run(s) were evaluated differently "

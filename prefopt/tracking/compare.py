@@ -17,9 +17,11 @@ from prefopt.tracking.frontier import Comparison, Point, RunCurve, compare, pair
 from prefopt.tracking.report import plot_frontier, write_csv, write_markdown
 from prefopt.tracking.store import TrackingError, find_experiment, mlflow_client, slug
 from prefopt.tracking.tracker import (
+    LIMITS_ARTIFACT,
     TAG_ALGORITHM,
     TAG_COMPARISON,
     TAG_EVAL_FINGERPRINT,
+    TAG_EVAL_LIMITS,
     TAG_LOSS,
     TAG_SWEEP,
     TAG_SWEEP_PARENT,
@@ -122,6 +124,23 @@ def load_curves(client: MlflowClient, runs: list[Run], *, x: str,
     return curves, skipped
 
 
+def load_limits(client: MlflowClient, runs: list[Run]) -> dict[str, list[Point]]:
+    """Best-of-N and the optimum, from the first run evaluated alike that logged them
+    (eval.limit_samples; the same prompts, sampler and reference draw the same limits)."""
+    import json
+    import tempfile
+
+    for run in runs:
+        if TAG_EVAL_LIMITS not in run.data.tags:
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            data = json.loads(Path(client.download_artifacts(run.info.run_id, LIMITS_ARTIFACT, tmp)).read_text())
+        return {name: [Point(p["kl"], p["reward"], 0, p["kl_se"], p["reward_se"]) for p in data[key]
+                       if p.get("reliable", True)]
+                for name, key in (("best-of-N", "best_of_n"), ("optimum", "optimum"))}
+    return {}
+
+
 def by_evaluation(runs: list[Run], chosen: str | None = None) -> tuple[list[Run], dict[str, list[str]]]:
     """The runs that were evaluated alike (one eval.fingerprint: prompts, sampler, samples per
     prompt, KL estimator), and the others by fingerprint (run names). chosen: the fingerprint to
@@ -170,7 +189,7 @@ def run_comparison(uri: str, experiment: str, *, out_dir: Path, x: str = DEFAULT
     evaluated = [r for r in runs if x in r.data.metrics and y in r.data.metrics]
     alike, apart = by_evaluation(evaluated, eval_fingerprint)
     curves, skipped = load_curves(client, alike + [r for r in runs if r not in evaluated], x=x, y=y)
-    comparison = compare(curves, at_kl=at_kl, levels=levels)
+    comparison = compare(curves, at_kl=at_kl, levels=levels, limits=load_limits(client, alike))
     if not comparison.rows:
         raise TrackingError(
             f"no run of experiment {experiment!r} in {uri} has both {x} and {y} logged at the "

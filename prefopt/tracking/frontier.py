@@ -47,7 +47,7 @@ class AtKL:
     reward: float
     se: float | None
     seeds: int  # seed frontiers that reach this KL; with 2 or more, se is over seeds
-    source: str  # "seeds": the spread of the seeds' frontiers; "evaluation": the points' own errors
+    source: str  # "seeds": the spread of the seeds' frontiers; "evaluation": the points' own errors; "limit"
 
 
 @dataclass
@@ -102,6 +102,12 @@ class Comparison:
     at_levels: dict[str, list[AtKL | None]] = field(default_factory=dict)  # method -> one per level
     differences: list[Difference] = field(default_factory=list)
     bands: dict[str, list[tuple[float, float, float]]] = field(default_factory=dict)  # method -> (kl, lo, hi)
+    # Where the reward is known: "best-of-N" and "optimum" curves (prefopt.eval.limits), their
+    # rewards at each level, and every evaluation above the optimum by more than twice the
+    # combined error: (run name, step, kl, reward, optimum's reward there).
+    limits: dict[str, list[Point]] = field(default_factory=dict)
+    limits_at_levels: dict[str, list[AtKL | None]] = field(default_factory=dict)
+    above_optimum: list[tuple[str, int, float, float, float]] = field(default_factory=list)
 
 
 def pair_by_step(xs: Iterable[tuple[int, float]], ys: Iterable[tuple[int, float]]) -> list[Point]:
@@ -186,7 +192,7 @@ def summarise_run(curve: RunCurve, at_kl: float | None) -> RunSummary | None:
 
 
 def compare(curves: Sequence[RunCurve], at_kl: float | None = None,
-            levels: Sequence[float] | None = None) -> Comparison:
+            levels: Sequence[float] | None = None, limits: dict[str, list[Point]] | None = None) -> Comparison:
     """Frontiers per method and one summary row per run with an evaluation.
 
     `at_kl` is the KL budget where runs are compared, by default `matched_kl` of the methods.
@@ -210,10 +216,43 @@ def compare(curves: Sequence[RunCurve], at_kl: float | None = None,
     for c in usable:
         by_method.setdefault(c.method, []).append(c)
     at_levels = {m: [method_at_kl(by_method[m], kl) for kl in levels] for m in series}
+    limits = dict(limits or {})
     return Comparison(rows=rows, matched_kl=at_kl, series=series, frontiers=frontiers,
                       series_at_matched_kl=at_matched, levels=levels, at_levels=at_levels,
                       differences=differences(at_levels, levels),
-                      bands={m: band(by_method[m]) for m in series})
+                      bands={m: band(by_method[m]) for m in series}, limits=limits,
+                      limits_at_levels={name: [limit_at(pts, kl) for kl in levels] for name, pts in limits.items()},
+                      above_optimum=above(usable, limits.get("optimum", [])))
+
+
+def limit_at(curve: Sequence[Point], x: float) -> AtKL | None:
+    """A limit curve's reward at x, linear between its points (KL increasing), with the error
+    interpolated alike; None outside the KLs it was estimated at (it is not extended)."""
+    pts = sorted(curve, key=lambda p: p.x)
+    if not pts or x < pts[0].x or x > pts[-1].x:
+        return None
+    for a, b in zip(pts, pts[1:], strict=False):
+        if x <= b.x:
+            t = 0.0 if b.x == a.x else (x - a.x) / (b.x - a.x)
+            se = None if a.y_se is None or b.y_se is None else math.hypot((1 - t) * a.y_se, t * b.y_se)
+            return AtKL(x, a.y + t * (b.y - a.y), se, 1, "limit")
+    return AtKL(x, pts[-1].y, pts[-1].y_se, 1, "limit")
+
+
+def above(curves: Sequence[RunCurve], optimum: Sequence[Point]) -> list[tuple[str, int, float, float, float]]:
+    """Evaluations whose reward exceeds the optimum's at their KL by more than twice their errors
+    combined: no policy can do that, so each one says a KL is underestimated or the runs were
+    evaluated unlike the limit (docs/limits.md)."""
+    out = []
+    for c in curves:
+        for p in c.points:
+            at = limit_at(optimum, p.x)
+            if at is None:
+                continue
+            se = math.hypot(p.y_se or 0.0, at.se or 0.0)
+            if p.y - at.reward > 2 * se:
+                out.append((c.run_name, p.step, p.x, p.y, at.reward))
+    return out
 
 
 def kl_levels(matched: float | None, given: Sequence[float] | None = None) -> list[float]:

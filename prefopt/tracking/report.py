@@ -65,15 +65,22 @@ def level_headers(comparison: Comparison, x: str) -> list[str]:
 
 def level_rows(comparison: Comparison) -> list[list[str]]:
     """The matched-KL table: each method's frontier reward ± its error at each level; the error is
-    over seeds ("n seeds") where two or more reach the level, else the evaluation's own ("eval")."""
+    over seeds ("n seeds") where two or more reach the level, else the evaluation's own ("eval");
+    then the limits (best-of-N, the optimum) where the reward is known."""
     rows = []
-    for method, cells in comparison.at_levels.items():
+    for method, cells in [*comparison.at_levels.items(), *comparison.limits_at_levels.items()]:
         row = [method]
         for at in cells:
             row.append("-" if at is None else pm(at.reward, at.se)
-                       + (f" ({at.seeds} seeds)" if at.source == "seeds" else " (eval)"))
+                       + {"seeds": f" ({at.seeds} seeds)", "evaluation": " (eval)", "limit": " (limit)"}[at.source])
         rows.append(row)
     return rows
+
+
+def above_lines(comparison: Comparison) -> list[str]:
+    """Evaluations above the optimum by more than their errors: each one a finding to explain."""
+    return [f"ABOVE THE OPTIMUM: {name} at step {step}: reward {y:.3f} at KL {x:.3f}, the optimum's {opt:.3f} "
+            "(docs/limits.md: what it means)" for name, step, x, y, opt in comparison.above_optimum]
 
 
 def difference_lines(comparison: Comparison, x: str) -> list[str]:
@@ -123,6 +130,7 @@ def write_markdown(comparison: Comparison, path: Path, *, experiment: str, x: st
         lines += [line(cells) for cells in level_rows(comparison)]
         if comparison.differences:
             lines += [""] + [f"- {text}" for text in difference_lines(comparison, x)]
+    lines += [f"- {text}" for text in above_lines(comparison)]
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -150,6 +158,10 @@ def plot_frontier(comparison: Comparison, path: Path, *, x: str, y: str, title: 
                 label=f"{method} ({runs} run{'s' if runs != 1 else ''}, {len(points)} evals)")
         if hull and hull[-1].x < x_max:
             ax.plot([hull[-1].x, x_max], [hull[-1].y] * 2, "--", color=colour, lw=1.2)
+    for name, style in (("best-of-N", ":s"), ("optimum", "--")):
+        if pts := sorted(comparison.limits.get(name, []), key=lambda p: p.x):
+            ax.errorbar([p.x for p in pts], [p.y for p in pts], yerr=[p.y_se or 0.0 for p in pts], fmt=style,
+                        color="black", lw=1.2, ms=3, capsize=0, label=f"{name} (limit, from the reference)")
     if comparison.matched_kl is not None:
         ax.axvline(comparison.matched_kl, color="0.4", ls=":", lw=1.2,
                    label=f"matched {x} = {fmt(comparison.matched_kl)}")

@@ -49,6 +49,7 @@ TAG_VERSION = "prefopt.version"
 TAG_GIT_COMMIT = "mlflow.source.git.commit"  # MLflow's own name: the UI shows it
 TAG_DATA_FINGERPRINT = "data.fingerprint"
 TAG_REFCACHE_FINGERPRINT = "refcache.fingerprint"
+TAG_EVAL_LIMITS = "eval.limits"  # set (to N) on a run that logged limits.json
 TAG_EVAL_FINGERPRINT = "eval.fingerprint"  # prompts, sampler, samples per prompt, KL estimator (prefopt.eval)
 TAG_COMPARISON = "prefopt.comparison"  # marks the runs `prefopt compare` writes
 TAG_PARAMS_CHANGED = "prefopt.params_changed_on_resume"
@@ -62,6 +63,7 @@ TAG_SWEEP_PARENT = "prefopt.sweep.parent"  # "true" on the parent run
 TAG_PARENT_RUN = "mlflow.parentRunId"  # MLflow's own: the UI nests the run under its parent
 
 CONFIG_ARTIFACT = "config.yaml"
+LIMITS_ARTIFACT = "limits.json"  # best-of-N and the optimum from the reference's samples (prefopt.eval.limits)
 MODEL_ARTIFACT = "model"
 GENERATIONS_DIR = "generations"
 
@@ -307,6 +309,10 @@ class Tracker:
             warnings.simplefilter("ignore", DeprecationWarning)
             self.client.log_table(self.run_id, data=table, artifact_file=path)
         return path
+
+    def log_dict(self, data: Mapping[str, Any], name: str) -> None:
+        """A JSON artifact `name` (replaced when logged again)."""
+        self.client.log_dict(self.run_id, dict(data), name)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         """Upload one file or a whole directory under `artifact_path`."""

@@ -143,3 +143,51 @@ def test_clear_errors(store, tmp_path):
     assert not (tmp_path / "none.db").exists()
     result = invoke("compare", "-e", "sweep", "--tracking-uri", uri, "--x", "eval/missing")
     assert result.exit_code == 2 and "has both eval/missing and eval/reward" in result.output
+
+
+def _run(project, experiment: str, name: str, tree: dict, tags: dict, evals, *, limits: dict | None = None) -> str:
+    """A finished run with evaluations [(step, kl, kl_se, reward, reward_se)] and its tags."""
+    cfg = RunConfig.model_validate({"output_dir": str(project / "runs" / name),
+                                    "tracking": {"experiment": experiment, "run_name": name}} | tree)
+    with Tracker.start(cfg, tags=tags) as tracker:
+        tracker.log_config()
+        for step, kl, kl_se, reward, reward_se in evals:
+            tracker.log_metrics({"eval/kl": kl, "eval/kl_se": kl_se, "eval/reward": reward,
+                                 "eval/reward_se": reward_se}, step=step)
+        if limits is not None:
+            tracker.log_dict(limits, "limits.json")
+            tracker.set_tags({"eval.limits": 16})
+    return tracker.run_id
+
+
+def test_compare_keeps_one_evaluation_names_ppo_by_its_reward_and_flags_points_above_the_optimum(tmp_path):
+    """Runs evaluated two ways are not drawn on one plane (one line names the others); PPO on the
+    task's truth and PPO on a reward model are two series; an evaluation above the optimum by more
+    than its errors is flagged."""
+    ppo = {"algorithm": {"name": "ppo"}, "data": {"task": "imdb_sentiment", "format": "prompt_only"}}
+    alike, other = {"eval.fingerprint": "aaaa1111"}, {"eval.fingerprint": "bbbb2222"}
+    point = {"kl": 0.0, "kl_se": 0.0, "reward_se": 0.001, "label": "", "ess": None, "reliable": True}
+    limits = {"best_of_n": [point | {"kl": 0.0, "reward": 0.2}, point | {"kl": 3.0, "reward": 0.5}],
+              "optimum": [point | {"kl": 0.0, "reward": 0.2}, point | {"kl": 4.0, "reward": 0.6}]}
+    _run(tmp_path, "cmp", "gt", ppo, alike, [(0, 0, 0, .2, .01), (10, 2, .1, .4, .01), (20, 4, .1, .5, .01)],
+         limits=limits)
+    _run(tmp_path, "cmp", "rm", ppo | {"reward": {"source": "model", "model_path": str(tmp_path)}}, alike,
+         [(0, 0, 0, .2, .01), (10, 2, .1, .7, .01)])  # at KL 2 the optimum is .4: .7 is far above it
+    _run(tmp_path, "cmp", "longer-eval", ppo, other, [(0, 0, 0, .3, .01), (10, 1, .1, .9, .01)])
+    uri = f"sqlite:///{tmp_path}/runs/mlflow.db"
+    result = CliRunner().invoke(app, ["compare", "-e", "cmp", "--tracking-uri", uri, "--out", str(tmp_path / "o"),
+                                      "--kl-levels", "1,2"], catch_exceptions=False, terminal_width=250)
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "1 run(s) were evaluated differently" in text and "bbbb2222: longer-eval" in text
+    with open(tmp_path / "o" / "comparison.csv", newline="") as f:
+        rows = {r["run_name"]: r for r in csv.DictReader(f)}
+    assert set(rows) == {"gt", "rm"}
+    assert rows["gt"]["method"] == "ppo-gt" and rows["rm"]["method"] == "ppo-rm"
+    markdown = (tmp_path / "o" / "comparison.md").read_text()
+    # The matched-KL table: each method ± its evaluation error, the limits, the difference.
+    assert "| ppo-gt | 0.300 ± 0.007 (eval) | 0.400 ± 0.010 (eval) |" in markdown
+    assert "| optimum | 0.300 ± 0.001 (limit) | 0.400 ± 0.001 (limit) |" in markdown
+    assert "ppo-gt − ppo-rm at kl=2: -0.300 ± 0.014" in markdown
+    assert "ABOVE THE OPTIMUM: rm at step 10: reward 0.700 at KL 2.000, the optimum's 0.400" in text
+    assert "ABOVE THE OPTIMUM: gt" not in text
