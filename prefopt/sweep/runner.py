@@ -87,6 +87,8 @@ def run_sweep(sweep: Sweep, console) -> SweepResult:
                   f"trials in {sweep.output_dir}")
     t0 = time.perf_counter()
     try:
+        _prepare(sweep, parent, console)
+        t0 = time.perf_counter()  # the scheduling efficiency is the trials'
         if todo:
             _tune(sweep, todo, parent, concurrency, console)
     except BaseException as exc:
@@ -152,6 +154,46 @@ def _connect(sweep: Sweep, runnable: list[Trial], ends: dict, console) -> int:
 
 def _cpus(bundles: list[dict]) -> float:
     return sum(b.get("CPU", 0.0) + 1000 * b.get("GPU", 0.0) for b in bundles)
+
+
+# ----------------------------------------------------------------------------- prepare
+
+
+STAGE_DONE = "sweep-stage.json"  # in a prepare stage's output_dir once it has run to its end
+
+
+def _prepare(sweep: Sweep, parent, console) -> None:
+    """The sweep file's prepare stages, in order, on this driver (each resumable, as its command
+    is): the SFT model, samples, pairs, a reward model that trials start from. A stage that ran
+    to its end is skipped; its runs are nested under the parent run, tagged with the stage."""
+    from prefopt.storage import Store
+    from prefopt.tracking.tracker import TAG_PARENT_RUN, TAG_SWEEP_STAGE
+
+    for stage in sweep.prepare:
+        done = Store.at(stage.config.output_dir) / STAGE_DONE
+        if done.exists():
+            console.print(f"prepare {stage.name}: done before ({stage.config.output_dir})")
+            continue
+        console.rule(f"prepare {stage.name}: prefopt {stage.command} -> {stage.config.output_dir}")
+        tags = stage.config.tracking.tags | {TAG_PARENT_RUN: parent.run_id, TAG_SWEEP_STAGE: stage.name}
+        cfg = stage.config.model_copy(update={"tracking": stage.config.tracking.model_copy(update={"tags": tags})})
+        _run_stage(stage.command, cfg, console)
+        done.write_text(json.dumps({"stage": stage.name, "command": stage.command}))
+
+
+def _run_stage(command: str, cfg, console) -> None:
+    if command == "train":
+        from prefopt.algorithms import train
+
+        train(cfg, console, resume=None)
+    elif command == "generate":
+        from prefopt.algorithms.generate import run
+
+        run(cfg, console)
+    else:
+        from prefopt.algorithms.label import run
+
+        run(cfg, console)
 
 
 # ----------------------------------------------------------------------------- MLflow

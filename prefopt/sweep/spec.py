@@ -36,7 +36,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -68,6 +68,17 @@ class MethodSpec(BaseModel):
         return grid
 
 
+class PrepareSpec(BaseModel):
+    """A stage run once before the trials (the SFT model, samples, pairs, a reward model); trials
+    and later stages name its output as {sweep_dir}/prepare/<name>."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    command: Literal["train", "generate", "label"]
+    config: str | None = Field(None, description="run config, relative to the sweep file")
+    set: dict[str, Any] = Field(default_factory=dict)
+
+
 class SweepFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -77,6 +88,7 @@ class SweepFile(BaseModel):
     max_concurrent: int | None = Field(None, ge=1)
     output_dir: str | None = None
     set: dict[str, Any] = Field(default_factory=dict)
+    prepare: dict[str, PrepareSpec] = Field(default_factory=dict, description="in order, before the trials")
     methods: dict[str, MethodSpec] = Field(min_length=1)
 
     @field_validator("seeds")
@@ -112,6 +124,15 @@ class Trial:
 
 
 @dataclass
+class Stage:
+    """A prepare stage, resolved: its command and its whole config (output_dir under the sweep's)."""
+
+    name: str
+    command: str
+    config: RunConfig
+
+
+@dataclass
 class Sweep:
     name: str
     output_dir: str
@@ -122,6 +143,7 @@ class Sweep:
     source: str = "<command line>"
     experiment: str | None = None  # every trial's and the parent run's MLflow experiment
     tracking_uri: str | None = None
+    prepare: list[Stage] = field(default_factory=list)
 
     @property
     def id(self) -> str:
@@ -193,16 +215,39 @@ def load_sweep(path: str | Path, *, grids: list[str] = (), seeds: int | None = N
         file_set, seed_list, experiment = {}, _seed_list(seeds or 1), None
     sweep = Sweep(name=name, output_dir=output_dir or f"runs/sweeps/{name}", seeds=seed_list, methods=methods,
                   max_concurrent=max_concurrent, source=str(path), experiment=experiment)
+    prepare = spec.prepare if is_sweep_file(path) else {}
     for method_name, method in methods.items():
-        config_path = None if method.config is None else (base_dir / method.config if base_dir != Path(".")
-                                                          else Path(method.config))
-        base = _read_yaml(config_path) if config_path is not None else {}
-        for key, value in (file_set | method.set | extra_set).items():
-            _set(base, key, value, source=f"{path}: set {key}")
+        base = _base(base_dir, method.config, file_set | method.set | extra_set, sweep, source=str(path))
+        method.grid = {key: _expand(values, sweep) for key, values in method.grid.items()}
         _one_tracking_store(sweep, base)
         sweep.trials.extend(_trials(sweep, method_name, method, base))
+    for name, stage in prepare.items():
+        tree = _base(base_dir, stage.config, file_set | stage.set | extra_set, sweep, source=str(path))
+        _set(tree, "output_dir", f"{sweep.output_dir.rstrip('/')}/prepare/{name}", source=str(path))
+        _set(tree, "tracking.run_name", f"prepare-{name}", source=str(path))
+        _set(tree, "tracking.uri", sweep.tracking_uri, source=str(path))
+        _set(tree, "tracking.experiment", sweep.experiment, source=str(path))
+        sweep.prepare.append(Stage(name, stage.command, build_config(tree, source=f"{path}: prepare {name}")))
     _check_unique(sweep)
     return sweep
+
+
+def _base(base_dir: Path, config: str | None, sets: dict[str, Any], sweep: Sweep, *, source: str) -> dict:
+    """A method's or a stage's config tree: its file (relative to the sweep file) and its sets,
+    with {sweep_dir} standing for the sweep's output_dir (a stage's output: {sweep_dir}/prepare/NAME)."""
+    path = None if config is None else (base_dir / config if base_dir != Path(".") else Path(config))
+    tree = _read_yaml(path) if path is not None else {}
+    for key, value in sets.items():
+        _set(tree, key, _expand(value, sweep), source=f"{source}: set {key}")
+    return tree
+
+
+def _expand(value: Any, sweep: Sweep) -> Any:
+    if isinstance(value, str):
+        return value.replace("{sweep_dir}", sweep.output_dir.rstrip("/"))
+    if isinstance(value, list):
+        return [_expand(v, sweep) for v in value]
+    return value
 
 
 def _trials(sweep: Sweep, method_name: str, method: MethodSpec, base: dict) -> list[Trial]:

@@ -128,8 +128,10 @@ def load_limits(client: MlflowClient, runs: list[Run]) -> dict[str, list[Point]]
     """Best-of-N and the optimum, from the first run evaluated alike that logged them
     (eval.limit_samples; the same prompts, sampler and reference draw the same limits)."""
     import json
+    import os
     import tempfile
 
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one small file: no bar
     for run in runs:
         if TAG_EVAL_LIMITS not in run.data.tags:
             continue

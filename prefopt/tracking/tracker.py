@@ -60,6 +60,7 @@ TAG_SWEEP_POINT = "prefopt.sweep.point"
 TAG_SWEEP_SEED = "prefopt.sweep.seed"
 TAG_SWEEP_METHOD = "prefopt.sweep.method"
 TAG_SWEEP_PARENT = "prefopt.sweep.parent"  # "true" on the parent run
+TAG_SWEEP_STAGE = "prefopt.sweep.stage"  # a prepare stage's name on its run (the SFT model, a reward model)
 TAG_PARENT_RUN = "mlflow.parentRunId"  # MLflow's own: the UI nests the run under its parent
 
 CONFIG_ARTIFACT = "config.yaml"
