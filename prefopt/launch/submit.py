@@ -542,8 +542,8 @@ def _joining(tree: dict | None) -> str:
 
 def sweep_files(path: Path) -> tuple[str, dict[str, str]]:
     """(the name `prefopt sweep` reads, the files a sweep's job carries: relative path -> text).
-    A sweep file travels with its method configs under methods/, its `config:` entries (relative
-    to it) pointed there, and a method without a config gets one; a run config (a --grid sweep)
+    A sweep file travels with its method and prepare-stage configs under methods/, its `config:`
+    entries (relative to it) pointed there, and a method without a config gets one; a run config (a --grid sweep)
     travels alone. Each config joins the cluster it runs on unless it names one, as a run's does."""
     name = _file_name(path.name)
     from prefopt.sweep.spec import is_sweep_file
@@ -553,7 +553,9 @@ def sweep_files(path: Path) -> tuple[str, dict[str, str]]:
     sweep = yaml.safe_load(path.read_text())
     files: dict[str, str] = {}
     shipped: dict[str, str] = {}  # the config's path here -> its path in the job
-    for method_name, method in sweep["methods"].items():
+    # Methods' configs and prepare stages' configs travel alike (a stage's under the same folder).
+    entries = [*sweep["methods"].items(), *(sweep.get("prepare") or {}).items()]
+    for method_name, method in entries:
         source = method.get("config")
         key = str((path.parent / source).resolve()) if source is not None else f"<defaults of {method_name}>"
         if key not in shipped:

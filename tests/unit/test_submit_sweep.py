@@ -205,3 +205,20 @@ def test_with_its_dependencies_it_runs_the_prefopt_command_and_its_exit_code(tmp
     assert done.returncode == 2
     assert f"error: {tmp_path}/missing.yaml: no such config file" in done.stderr.replace("\n", "")
     assert "prefopt job:" not in done.stderr
+
+
+def test_the_prepare_stages_configs_travel_with_the_sweep(tmp_path):
+    from prefopt.launch.submit import sweep_files
+
+    recipe = Path(__file__).resolve().parents[2] / "configs" / "sweeps" / "dpo-paper-sentiment.yaml"
+    name, files = sweep_files(recipe)
+    job_dir = tmp_path / "job"
+    for relative, text in files.items():
+        (job_dir / relative).parent.mkdir(parents=True, exist_ok=True)
+        (job_dir / relative).write_text(text)
+    here, there = load_sweep(recipe), load_sweep(job_dir / name)
+    assert [(s.name, s.command) for s in there.prepare] == [(s.name, s.command) for s in here.prepare] == [
+        ("sft", "train"), ("samples", "generate"), ("pairs", "label"), ("reward_model", "train")]
+    for a, b in zip(here.prepare, there.prepare, strict=True):
+        assert b.config == a.config.model_copy(update={"cluster": b.config.cluster})
+    assert [t.id for t in there.trials] == [t.id for t in here.trials]

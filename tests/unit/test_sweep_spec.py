@@ -153,3 +153,26 @@ def test_a_ppo_trial_holds_policy_reference_and_critic():
                                                                          "format": "prompt_only"}))
     assert set(slots) == {"policy", "reference", "critic"}
     assert sorted(i for ix in slots.values() for i in ix) == list(range(len(bundles)))
+
+
+def test_prepare_stages_run_under_the_sweep_and_trials_name_their_outputs(tmp_path):
+    recipe = ROOT / "configs" / "sweeps" / "dpo-paper-sentiment.yaml"
+    sweep = load_sweep(recipe, output_dir=str(tmp_path / "sw"))
+    stages = {s.name: s for s in sweep.prepare}
+    assert list(stages) == ["sft", "samples", "pairs", "reward_model"]
+    # Every stage's output lies under the sweep's folder, whatever its config said.
+    assert {s.config.output_dir for s in stages.values()} == {f"{tmp_path}/sw/prepare/{n}" for n in stages}
+    sft = f"{tmp_path}/sw/prepare/sft/model"
+    assert stages["samples"].config.model.path == sft
+    assert stages["pairs"].config.label.input_dir == f"{tmp_path}/sw/prepare/samples/generated"
+    assert stages["reward_model"].config.data.path == f"{tmp_path}/sw/prepare/pairs/labelled/pairs.jsonl"
+    by_method = {}
+    for t in sweep.trials:
+        by_method.setdefault(t.method, []).append(t.config)
+    assert {m: len(c) for m, c in by_method.items()} == {"dpo": 12, "ppo_gt": 12, "ppo_rm": 12}
+    assert all(c.model.path == sft for cs in by_method.values() for c in cs)  # one reference for all
+    assert {c.reward.model_path for c in by_method["ppo_rm"]} == {f"{tmp_path}/sw/prepare/reward_model/model"}
+    assert {c.reward.source for c in by_method["ppo_gt"]} == {"task"}
+    # One evaluation for every method: their points share one plane.
+    assert len({c.eval.model_dump_json(exclude={"every_steps", "limit_samples"})
+                for cs in by_method.values() for c in cs}) == 1
