@@ -293,7 +293,10 @@ def _tune(sweep: Sweep, todo: list[Trial], parent, concurrency: int, console) ->
     tuner = tune.Tuner(
         tune.with_resources(run_trial, resources),
         param_space={"trial": tune.grid_search(params), "strategy": strategy},
-        tune_config=tune.TuneConfig(max_concurrent_trials=concurrency, reuse_actors=False),
+        # A local Ray shares this machine's cores as logical CPUs: no more trials than the largest
+        # fits, or small trials would crowd the cores. A cluster's Tune packs trials by their bundles.
+        tune_config=tune.TuneConfig(reuse_actors=False, max_concurrent_trials=(
+            concurrency if todo[0].config.cluster.address is None else sweep.max_concurrent)),
         run_config=tune.RunConfig(
             name=f"{sweep.id}-{time.strftime('%Y%m%d-%H%M%S')}",
             storage_path=str(Path(local_dir_for(sweep.output_dir), "tune").resolve()),
