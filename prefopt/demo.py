@@ -26,7 +26,8 @@ from prefopt.config import RunConfig, build_config
 SFT_RUN = {"algorithm": {"name": "sft"}, "ref": {"mode": "none"}, "train": {"lr": 2e-3, "max_steps": 200}}
 # method -> overrides applied on top of the demo config; each starts from the SFT model
 DEMO_RUNS: dict[str, dict] = {
-    "dpo": {"algorithm": {"name": "dpo", "beta": 0.1}},
+    # One run draws the limits (best-of-N, the optimum) from the SFT model's samples: compare draws them.
+    "dpo": {"algorithm": {"name": "dpo", "beta": 0.1}, "eval": {"limit_samples": 16}},
     "simpo": {"algorithm": {"name": "simpo", "beta": 2.0, "gamma": 1.0}, "ref": {"mode": "none"}},
     # PPO-GT (configs/tiny/ppo.yaml): a step is an iteration of 32 prompts sampled, scored, learned from.
     "ppo": {"algorithm": {"name": "ppo"}, "data": {"format": "prompt_only"}, "critic": {"lr": 1e-3},

@@ -32,7 +32,16 @@ def test_demo_trains_each_method_and_writes_the_comparison(tmp_path, tiny_model_
     with (compare / "comparison.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == len(DEMO_RUNS)
-    assert sorted(r["method"] for r in rows) == sorted(DEMO_RUNS)
+    # PPO-GT is named for its reward (the task's truth), as the DPO paper names it.
+    assert sorted(r["method"] for r in rows) == sorted({"ppo": "ppo-gt"}.get(m, m) for m in DEMO_RUNS)
+    # Each method's best evaluation with its standard error; the limits drawn from the SFT model's samples.
+    assert "± " in (compare / "comparison.md").read_text()
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'demo' / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              filter_string="tags.`eval.limits` = '16'")
+    assert len(runs) == 1 and runs[0].info.run_name.startswith("dpo")
     # Each method was evaluated, on the task's reward in [0, 1] and a finite KL to the SFT model.
     for row in rows:
         assert int(row["num_evals"]) >= 1, row
