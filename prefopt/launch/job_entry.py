@@ -21,7 +21,8 @@ import json
 import os
 import sys
 
-FILES_ENV = "PREFOPT_JOB_FILES"
+from prefopt.launch import FILES_ENV
+
 MIN_PYTHON = (3, 10)  # pyproject.toml's requires-python
 # pyproject.toml's dependencies by import name, the quick ones first: the first that fails is named.
 NEEDED = ("yaml", "pydantic", "typer", "rich", "pyarrow", "matplotlib", "vaderSentiment", "torch", "tokenizers",

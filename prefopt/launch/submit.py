@@ -50,7 +50,7 @@ import yaml
 
 from prefopt.config import RoleConfig, RunConfig
 from prefopt.errors import CLUSTER, SERVICE, UserError
-from prefopt.launch.job_entry import FILES_ENV
+from prefopt.launch import FILES_ENV
 
 if TYPE_CHECKING:
     from prefopt.sweep.spec import Sweep, Trial
