@@ -37,7 +37,9 @@ def eval_prompts(cfg: RunConfig, tokenizer) -> tuple[list[str], list[list[int]]]
     """The task's held-out prompts, tokenized exactly as training prompts are: (texts, ids)."""
     from prefopt.data.prepare import check
 
-    data = cfg.data.model_copy(update={"split": "test", "num_examples": cfg.eval.num_prompts,
+    # The same prompts whatever data.seed says: a sweep's seeds change the training, never what
+    # its trials are evaluated on (their points share one plane, one eval.fingerprint).
+    data = cfg.data.model_copy(update={"split": "test", "num_examples": cfg.eval.num_prompts, "seed": 0,
                                        "format": "prompt_only", "path": None, "on_bad_row": "skip"})
     table = check(cfg.model_copy(update={"data": data}), tokenizer).table
     return table["prompt"].to_pylist(), table["prompt_ids"].to_pylist()

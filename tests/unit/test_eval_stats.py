@@ -36,3 +36,13 @@ def test_the_fingerprint_changes_with_what_makes_evaluations_comparable():
     assert base != fingerprint("imdb_sentiment", ["a", "b"], sampling | {"seed": 1}, 2)
     assert base != fingerprint("imdb_sentiment", ["a", "b"], sampling, 1)
     assert base != fingerprint("other_task", ["a", "b"], sampling, 2)
+
+
+def test_a_sweeps_seeds_are_evaluated_on_the_same_prompts(tiny_tokenizer):
+    """data.seed (a trial's seed) changes the training data's order, never the held-out prompts."""
+    from prefopt.config import load_config
+    from prefopt.eval import eval_prompts
+
+    seeds = [load_config(None, ["data.task=imdb_sentiment", f"data.seed={s}", "eval.num_prompts=8"]) for s in (0, 3)]
+    first, second = (eval_prompts(cfg, tiny_tokenizer) for cfg in seeds)
+    assert first == second and len(first[0]) == 8
