@@ -21,7 +21,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from prefopt.algorithm_spec import AlgorithmSpec, role_config, spec_for
+from prefopt.algorithm_spec import AlgorithmSpec, placements, role_config, spec_for
 from prefopt.algorithms import stages
 from prefopt.config import RunConfig
 
@@ -134,6 +134,9 @@ class Session:
             self.tracker = tracker
             tracker.log_config()
             tracker.log_data_input(self.inputs.data)
+            # The GPUs the run holds (its roles' ranks): compare turns its wall time into GPU-hours.
+            gpus = sum(r.num_workers * r.gpus_per_worker for _, _, r in placements(self.cfg))
+            tracker.log_metrics({"compute/gpus": gpus}, step=0)
             self.state["mlflow_run_id"] = tracker.run_id
             yield tracker
 

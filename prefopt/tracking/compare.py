@@ -32,6 +32,7 @@ DEFAULT_X = "eval/kl"
 DEFAULT_Y = "eval/reward"
 WIN_RATE = "eval/win_rate"
 TOKENS = "compute/tokens"  # tokens trained on so far (stages.run_steps)
+GPUS = "compute/gpus"  # GPUs the run's ranks held (Session.tracking)
 PNG, CSV, MARKDOWN = "frontier.png", "comparison.csv", "comparison.md"
 
 
@@ -117,10 +118,12 @@ def load_curves(client: MlflowClient, runs: list[Run], *, x: str,
                   for p in pair_by_step(_history(client, run_id, x), _history(client, run_id, y))]
         win = dict(_history(client, run_id, WIN_RATE)) if WIN_RATE in run.data.metrics else {}
         end = run.info.end_time or run.info.start_time
+        seconds = (end - run.info.start_time) / 1000 if end else None
+        gpus = run.data.metrics.get(GPUS)
         curves.append(RunCurve(run_id=run_id, run_name=run.info.run_name, method=method_of(run),
                                params=params_of(run), points=points, win_rates=win,
                                seed=run.data.tags.get(TAG_SWEEP_SEED), tokens=run.data.metrics.get(TOKENS),
-                               seconds=(end - run.info.start_time) / 1000 if end else None))
+                               seconds=seconds, gpu_hours=seconds * gpus / 3600 if seconds and gpus else None))
     return curves, skipped
 
 

@@ -35,8 +35,9 @@ class RunCurve:
     points: list[Point]
     win_rates: dict[int, float] = field(default_factory=dict)  # step -> eval/win_rate
     seed: str | None = None  # a sweep trial's seed: runs of one method and seed make one frontier
-    tokens: float | None = None  # the compute the run used: tokens trained on, wall seconds
+    tokens: float | None = None  # the compute the run used: tokens trained on, wall seconds, GPU-hours
     seconds: float | None = None
+    gpu_hours: float | None = None  # None on CPU ranks
 
 
 @dataclass
@@ -89,6 +90,7 @@ class RunSummary:
     seed: str | None = None
     tokens: float | None = None
     seconds: float | None = None
+    gpu_hours: float | None = None
 
 
 @dataclass
@@ -188,6 +190,7 @@ def summarise_run(curve: RunCurve, at_kl: float | None) -> RunSummary | None:
         seed=curve.seed,
         tokens=curve.tokens,
         seconds=curve.seconds,
+        gpu_hours=curve.gpu_hours,
     )
 
 

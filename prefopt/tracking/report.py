@@ -18,7 +18,7 @@ from prefopt.tracking.frontier import Comparison
 # CSV columns, in order. "reward" is the --y metric and "kl" the --x metric.
 CSV_COLUMNS = (
     "method", "run_name", "params", "seed", "best_reward", "best_reward_se", "kl_at_best", "step_at_best",
-    "reward_at_matched_kl", "matched_kl", "win_rate", "num_evals", "tokens", "seconds", "run_id",
+    "reward_at_matched_kl", "matched_kl", "win_rate", "num_evals", "tokens", "seconds", "gpu_hours", "run_id",
 )
 
 
@@ -49,7 +49,8 @@ def headers(comparison: Comparison, x: str, y: str) -> list[str]:
 def display_rows(comparison: Comparison) -> list[list[str]]:
     return [
         [r.method, r.run_name, r.params or "-", pm(r.best_reward, r.best_reward_se), fmt(r.kl_at_best),
-         fmt(r.reward_at_matched_kl), fmt(r.win_rate), str(r.num_evals), _count(r.tokens), _count(r.seconds)]
+         fmt(r.reward_at_matched_kl), fmt(r.win_rate), str(r.num_evals), _count(r.tokens),
+         _count(r.seconds) + (f" ({r.gpu_hours:.2f} GPU-h)" if r.gpu_hours else "")]
         for r in comparison.rows
     ]
 

@@ -181,3 +181,15 @@ def test_the_default_levels_are_fractions_of_the_matched_kl_and_bands_need_two_s
     assert band and all(lo <= hi for _, lo, hi in band) and band[-1][1] < band[-1][2]
     kl, lo, hi = band[-1]
     assert kl == pytest.approx(4) and (lo + hi) / 2 == pytest.approx(.7)
+
+
+def test_a_run_on_gpus_carries_its_gpu_hours_into_the_table():
+    from prefopt.tracking.report import display_rows
+
+    gpu = _curve("on-gpus", "dpo", None, [(0, .2, .01), (1, .5, .01)])
+    gpu.seconds, gpu.gpu_hours, gpu.tokens = 1800.0, 8 * 0.5, 12345.0
+    cpu = _curve("on-cpus", "dpo", None, [(0, .2, .01), (1, .4, .01)])
+    cpu.seconds = 60.0
+    rows = {r[1]: r for r in display_rows(compare([gpu, cpu]))}
+    assert rows["on-gpus"][-2:] == ["12,345", "1,800 (4.00 GPU-h)"]
+    assert rows["on-cpus"][-1] == "60"
