@@ -58,6 +58,11 @@ REFERENCE = Role("reference", "prefopt.workers.reference:ReferenceWorker")
 SAMPLER = Role("policy", "prefopt.cluster.engine_worker:EngineWorker")
 
 
+def scores_on_ranks(cfg: RunConfig) -> bool:
+    """Whether the reward role has ranks: a reward model, or a judge not served over HTTP."""
+    return cfg.reward.source == "model" or (cfg.reward.source == "judge" and not cfg.reward.judge.endpoint)
+
+
 def reward_role(cfg: RunConfig) -> Role:
     """What scores on ranks (prefopt.algorithms.scoring): a reward model (scalar head) or a judge (a causal LM)."""
     return Role("reward", "prefopt.workers.reward:RewardWorker", head="scalar" if cfg.reward.source == "model" else "lm")
@@ -85,7 +90,7 @@ class AlgorithmSpec:
 
     def tags(self, cfg: RunConfig) -> dict[str, str]:
         tags = {"algorithm": self.name}
-        return tags | ({"loss": cfg.algorithm.name} if self.name == "offline" else {})
+        return tags | ({"loss": cfg.loss_name} if self.name in ("offline", "rest", "iterative_dpo") else {})
 
     def train(self, cfg: RunConfig, console, *, resume: bool | None = None):
         module, name = self.controller.split(":")
@@ -105,7 +110,7 @@ def loss_needs_reference(cfg: RunConfig) -> bool:
     """The loss reads reference log-probs (a cache filled once, or live per micro-batch)."""
     from prefopt.losses.names import needs_reference
 
-    return cfg.ref.mode != "none" and needs_reference(cfg.algorithm.name, **cfg.algorithm.loss_params())
+    return cfg.ref.mode != "none" and needs_reference(cfg.loss_name, **cfg.algorithm.loss_params())
 
 
 def _offline_roles(cfg: RunConfig) -> list[Role]:
@@ -165,11 +170,43 @@ PPO = AlgorithmSpec(
 )
 
 
+# ----------------------------------------------------------------------------- ReST, iterative DPO
+
+
+def _rounds_roles(cfg: RunConfig) -> list[Role]:
+    """One policy that samples and trains; the reference when evaluation or the loss reads the
+    starting model (a round_start reference is the policy itself, before the round); the reward
+    role when scoring runs on ranks."""
+    initial = cfg.algorithm.name == "rest" or cfg.iterative.reference == "initial"
+    reference = cfg.data.task is not None or (loss_needs_reference(cfg) and initial)
+    roles = [Role("policy", "prefopt.workers.policy:PolicyWorker", trains=True)] + ([REFERENCE] if reference else [])
+    return roles + ([reward_role(cfg)] if scores_on_ranks(cfg) else [])
+
+
+def _rounds(name: str) -> AlgorithmSpec:
+    return AlgorithmSpec(
+        name=name,
+        controller="prefopt.algorithms.rounds:train",
+        roles=_rounds_roles,
+        # Grow scores on the reward role while the policy waits; training is the policy's alone.
+        compute_together=lambda cfg: [["policy"], ["reference"], ["reward"]],
+        progress=lambda m: _loss_line(m, "rewards/accuracies"),
+    )
+
+
+REST = _rounds("rest")
+ITERATIVE_DPO = _rounds("iterative_dpo")
+
+
 def spec_for(cfg: RunConfig) -> AlgorithmSpec:
     from prefopt.losses.names import REWARD_LOSSES
 
     if cfg.algorithm.name == "ppo":
         return PPO
+    if cfg.algorithm.name == "rest":
+        return REST
+    if cfg.algorithm.name == "iterative_dpo":
+        return ITERATIVE_DPO
     if cfg.algorithm.name in REWARD_LOSSES:
         return REWARD_MODEL
     return OFFLINE

@@ -129,6 +129,8 @@ class AlgorithmConfig(Section):
     @model_validator(mode="after")
     def _params_fit_the_loss(self) -> AlgorithmConfig:
         # Ask the losses now, before any process starts, rather than on the first step.
+        if self.name in ROUND_ALGORITHMS:  # the loss they train is in their section: RunConfig checks
+            return self
         if self.name in ONLINE_ALGORITHMS:  # their settings have their own section (ppo)
             if self.loss_params():
                 raise ValueError(f"{', '.join(self.loss_params())}: not a setting of {self.name}; "
@@ -140,6 +142,9 @@ class AlgorithmConfig(Section):
 
 # Algorithms that learn from their own samples, not from a loss over a fixed data set.
 ONLINE_ALGORITHMS = ("ppo",)
+# Multi-round algorithms (prefopt.algorithms.rounds) -> the config section of their schedule.
+# Each round trains an offline loss (the section's `loss`, with algorithm.beta etc.) on data it grew.
+ROUND_ALGORITHMS = {"rest": "rest", "iterative_dpo": "iterative"}
 
 
 class DeepSpeedConfig(Section):
@@ -263,6 +268,55 @@ class SamplingConfig(Section):
     top_p: float = Field(1.0, gt=0, le=1)
     greedy: bool = Field(False, description="argmax decoding (temperature, top_k, top_p unused)")
     seed: int = 0
+
+
+class GrowConfig(Section):
+    """A Grow step (ReST, iterative DPO): the current policy's samples of the data's prompts, scored
+    by the reward role (reward.source), kept as a sharded data set (resumable, never sampled twice)."""
+
+    samples_per_prompt: int = Field(4, ge=1, description="completions per prompt")
+    num_prompts: int | None = Field(None, ge=1, description="prompts per Grow, taken in turn from the "
+                                    "data's distinct prompts; null: all of them")
+    sampling: SamplingConfig = SamplingConfig()
+    prompts_per_shard: int = Field(64, ge=1, description="a killed Grow loses at most one shard")
+
+
+class RestConfig(Section):
+    """ReST (algorithm.name: rest; Gulcehre et al. 2023): each Grow step is followed by one Improve
+    step per threshold, each training `improve_steps` optimizer steps on the grown samples whose
+    reward passes its threshold (docs/rest.md)."""
+
+    grow_steps: int = Field(1, ge=1)
+    thresholds: list[float] = Field([0.5, 0.7, 0.9], min_length=1,
+                                    description="one Improve step each, rising; in [0, 1] (threshold_on)")
+    threshold_on: Literal["quantile", "normalised"] = Field(
+        "quantile", description="quantile: of the grown set's rewards; normalised: the reward min-max "
+        "scaled to [0, 1] over the grown set (the paper's)")
+    improve_steps: int = Field(20, ge=1, description="optimizer steps per Improve step")
+    loss: str = Field("sft", description="sft (the paper's best: NLL on the kept samples), or any "
+                      "pairwise loss on the best-vs-worst pair of each prompt's kept samples")
+    lr_decay: float = Field(1.0, gt=0, le=1, description="Improve step i of a Grow trains at train.lr x "
+                            "lr_decay^i")
+    mix_original: bool = Field(False, description="add the data's own rows (sft: the chosen completions) "
+                               "to every Improve step's data")
+    improve_from: Literal["previous", "grow"] = Field(
+        "previous", description="previous: each Improve step goes on from the last one's policy (the "
+        "paper's); grow: each starts again from the policy of its Grow step")
+    grow: GrowConfig = GrowConfig(samples_per_prompt=8)
+
+
+class IterativeConfig(Section):
+    """Iterative on-policy DPO (algorithm.name: iterative_dpo): each round grows samples with the
+    current policy, pairs them by the reward role and trains a pairwise loss on the pairs."""
+
+    rounds: int = Field(3, ge=1)
+    round_steps: int = Field(20, ge=1, description="optimizer steps per round")
+    loss: str = Field("dpo", description="any pairwise loss (algorithm.beta etc. are its parameters)")
+    reference: Literal["round_start", "initial"] = Field(
+        "round_start", description="round_start: the policy as the round began; initial: the starting model")
+    pairs: Literal["best_worst", "all_pairs", "best_random"] = "best_worst"
+    min_gap: float = Field(0.0, ge=0, description="drop pairs whose rewards differ by no more than this")
+    grow: GrowConfig = GrowConfig()
 
 
 class JudgeConfig(Section):
@@ -439,6 +493,8 @@ class RunConfig(Section):
     label: LabelConfig = LabelConfig()
     ppo: PPOConfig = PPOConfig()
     critic: CriticConfig = CriticConfig()
+    rest: RestConfig = RestConfig()
+    iterative: IterativeConfig = IterativeConfig()
     output_dir: str = Field("runs/default", description="a local path, or s3://, gs://, hdfs:// (docs/storage.md)")
 
     @model_validator(mode="before")
@@ -462,6 +518,9 @@ class RunConfig(Section):
         if self.data.path is None and self.data.task is None:
             raise ValueError("set data.path (a file) or data.task (a built-in task)")
         name, params = self.algorithm.name, self.algorithm.loss_params()
+        if name in ROUND_ALGORITHMS:
+            self._check_rounds()
+            name = self.loss_name
         if name in ONLINE_ALGORITHMS:
             if self.data.path is None and self.data.format not in ("auto", "prompt_only"):
                 raise ValueError(f"algorithm.name={name} samples its own completions of prompts; "
@@ -474,6 +533,44 @@ class RunConfig(Section):
                              "asks one reference rank alone, but ZeRO-3 ranks must compute together; "
                              "use ref.num_workers: 1, ref.deepspeed.zero_stage: 0, or ref.mode: cache")
         return self
+
+    def _check_rounds(self) -> None:
+        from prefopt.losses.names import LOSSES, PAIRWISE_LOSSES
+
+        key = ROUND_ALGORITHMS[self.algorithm.name]
+        loss = self.loss_name
+        allowed = PAIRWISE_LOSSES if key == "rest" else tuple(x for x in PAIRWISE_LOSSES if x != "sft")
+        if loss not in allowed:
+            known = "" if loss in LOSSES else " (not a loss)"
+            raise ValueError(f"{key}.loss: {loss}{known}; use one of {', '.join(allowed)}")
+        resolve_params(loss, **self.algorithm.loss_params())
+        if self.ref.mode == "live":
+            raise ValueError(f"ref.mode: live with algorithm.name={self.algorithm.name}: each round's reference "
+                             "log-probs go through the cache; use ref.mode: cache")
+        if key == "rest" and any(b <= a for a, b in zip(self.rest.thresholds, self.rest.thresholds[1:], strict=False)):
+            raise ValueError(f"rest.thresholds: {self.rest.thresholds} must rise from one Improve step to the next")
+        if key == "rest" and not all(0 <= t < 1 for t in self.rest.thresholds):
+            raise ValueError(f"rest.thresholds: {self.rest.thresholds} must lie in [0, 1) (rest.threshold_on)")
+        total = self.schedule_steps
+        if "max_steps" in self.train.model_fields_set and self.train.max_steps != total:
+            what = ("rest.grow_steps x len(rest.thresholds) x rest.improve_steps" if key == "rest"
+                    else "iterative.rounds x iterative.round_steps")
+            raise ValueError(f"train.max_steps: {self.train.max_steps}, but {self.algorithm.name} trains {what} "
+                             f"= {total} steps; leave train.max_steps unset")
+        self.train.max_steps = total  # what every reader of max_steps (progress, the loop) sees
+
+    @property
+    def loss_name(self) -> str:
+        """The loss the policy trains: algorithm.name, or a multi-round algorithm's loss."""
+        key = ROUND_ALGORITHMS.get(self.algorithm.name)
+        return getattr(self, key).loss if key else self.algorithm.name
+
+    @property
+    def schedule_steps(self) -> int:
+        """A multi-round algorithm's optimizer steps in all (train.max_steps for it)."""
+        if self.algorithm.name == "rest":
+            return self.rest.grow_steps * len(self.rest.thresholds) * self.rest.improve_steps
+        return self.iterative.rounds * self.iterative.round_steps
 
     def _beside_policy(self, role: RefConfig | RewardConfig | CriticConfig) -> RoleConfig:
         """A frozen role's ranks, with the resources it leaves unset (None) taken from the policy's."""

@@ -111,15 +111,17 @@ def read_prompts(cfg: RunConfig, tokenizer) -> Prompts:
     return Prompts(texts, ids, fp)
 
 
-def manifest_for(cfg: RunConfig, model_dir: Path, tokenizer, prompts: Prompts) -> dict:
+def manifest_for(cfg: RunConfig, model_dir: Path, tokenizer, prompts: Prompts,
+                 generator_weights: str | None = None) -> dict:
     """What the samples depend on, and the shard plan: shard i holds prompts_per_shard prompts
-    (the last one fewer), num_samples consecutive rows per prompt."""
+    (the last one fewer), num_samples consecutive rows per prompt. generator_weights: what names
+    the weights when they are not model_dir's (a policy in training: the run and its step)."""
     from prefopt.refcache.fingerprint import weights_fingerprint
 
     g = cfg.generate
     manifest = {
         "model_dir": str(Path(model_dir).resolve()),
-        "generator_weights": weights_fingerprint(model_dir),
+        "generator_weights": generator_weights or weights_fingerprint(model_dir),
         "dtype": cfg.model.dtype,
         "data": prompts.fingerprint,
         "num_prompts": len(prompts.ids),

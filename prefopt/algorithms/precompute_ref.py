@@ -45,12 +45,14 @@ def open_cache(cfg: RunConfig, reference_dir: Path, tokenizer, data, parts: dict
                          shard_rows=shard_rows)
 
 
-def fill_reference_cache(cfg: RunConfig, inputs, console, start_reference):
+def fill_reference_cache(cfg: RunConfig, inputs, console, start_reference, weights: str | None = None):
     """-> a complete, verified RefCache for this run's inputs, computing only what is missing:
     absent shards, and shards that fail verification (truncated, changed, without a checksum),
     each reported in one line.
 
-    start_reference() gives the reference group, called only on a miss (or a partial cache)."""
+    start_reference() gives the group that computes (holding the data), called only on a miss (or
+    a partial cache). weights: what names the reference's weights when they are not those of
+    inputs.reference_dir (a policy in training, as a round of prefopt.algorithms.rounds begins)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from prefopt.refcache import ABSENT, RefCache
@@ -58,6 +60,8 @@ def fill_reference_cache(cfg: RunConfig, inputs, console, start_reference):
 
     data, reference_dir = inputs.data, inputs.reference_dir(cfg)
     parts = cache_parts(cfg, reference_dir, inputs.tokenizer, data)
+    if weights is not None:
+        parts["reference_weights"] = weights
     nearest = RefCache.nearest(cache_root(cfg), parts)  # before open: open creates this cache
     cache = open_cache(cfg, reference_dir, inputs.tokenizer, data, parts)
     problems = cache.check()
@@ -122,8 +126,8 @@ def run(cfg: RunConfig, console) -> None:
     from prefopt.algorithms import stages
     from prefopt.losses import needs_reference
 
-    if not needs_reference(cfg.algorithm.name, **cfg.algorithm.loss_params()):
-        console.print(f"algorithm {cfg.algorithm.name} needs no reference model: nothing to precompute")
+    if not needs_reference(cfg.loss_name, **cfg.algorithm.loss_params()):
+        console.print(f"algorithm {cfg.loss_name} needs no reference model: nothing to precompute")
         return
     stages.preflight(cfg, console, roles=[REFERENCE], tracking=False)
     inputs = stages.prepare_inputs(cfg, console)

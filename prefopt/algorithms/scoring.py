@@ -97,7 +97,9 @@ def fingerprint(description: dict) -> str:
 
 def needs_ranks(cfg: RunConfig) -> bool:
     """Whether the scorer runs on the reward role's ranks (Ray must be connected to start it)."""
-    return cfg.reward.source == "model" or (cfg.reward.source == "judge" and not cfg.reward.judge.endpoint)
+    from prefopt.algorithm_spec import scores_on_ranks
+
+    return scores_on_ranks(cfg)
 
 
 # ----------------------------------------------------------------------------- scores in flight

@@ -166,10 +166,12 @@ class Session:
 
         return save
 
-    def train(self, steps, save, evaluate=None, *, loss_ratio_guard: bool = True) -> dict[str, float]:
-        """The shared loop (stages.run_steps): logging, the health guard, checkpoints, evaluations."""
+    def train(self, steps, save, evaluate=None, *, loss_ratio_guard: bool = True,
+              window: tuple[int, int] | None = None) -> dict[str, float]:
+        """The shared loop (stages.run_steps): logging, the health guard, checkpoints, evaluations;
+        window (first, end): one round's steps of a multi-round recipe."""
         return stages.run_steps(self.cfg, steps, save, self.run, self.tracker, self.console, self.state, evaluate,
-                                loss_ratio_guard=loss_ratio_guard)
+                                loss_ratio_guard=loss_ratio_guard, window=window)
 
     def finish(self, group, metrics: dict[str, float], name: str = "policy") -> TrainResult:
         """The end of every training: the trained model exported, logged to MLflow, its group shut down."""

@@ -307,7 +307,7 @@ class HealthGuard:
 
 
 def run_steps(cfg: RunConfig, steps, save, run: Run, tracker, console, state: dict, evaluate=None,
-              loss_ratio_guard: bool = True) -> dict[str, float]:
+              loss_ratio_guard: bool = True, window: tuple[int, int] | None = None) -> dict[str, float]:
     """The training loop of every controller: `steps(first, count) -> [metrics of each step]`
     in calls cut at logging, saving and evaluation points (steps_on(group): workers that have
     `train_steps`; PPO: its iterations); each step's metrics to metrics.jsonl and (every
@@ -315,7 +315,9 @@ def run_steps(cfg: RunConfig, steps, save, run: Run, tracker, console, state: di
     (loss_ratio_guard=False: only non-finite values stop, for losses that may sit near zero or
     below it); `save(step)` then the state file; `evaluate(step) -> metrics` at step 0 of a fresh
     run (where the reward-KL curve starts: the policy is the reference), every eval.every_steps
-    and at the end. -> the last step's metrics."""
+    and at the end. window (first, end): only steps first..end-1 of the run, saved and evaluated
+    at `end` (a round of prefopt.algorithms.rounds); steps before a resumed checkpoint are skipped.
+    -> the last step's metrics."""
     import time
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -332,13 +334,15 @@ def run_steps(cfg: RunConfig, steps, save, run: Run, tracker, console, state: di
     metrics: dict[str, float] = {}
     if run.checkpoint is not None:
         state.setdefault("tokens_total", run.checkpoint[1].get("tokens_total", 0.0))
-    if evaluate is not None and run.start_step == 0:
+    begin, end = window or (0, t.max_steps)
+    begin = max(begin, run.start_step)
+    if evaluate is not None and begin == 0:
         evaluate(0)
     columns = [TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                TextColumn("{task.fields[info]}")]
     with Progress(*columns, console=console) as progress, (run.local_dir / METRICS_FILE).open("a") as log_file:
-        bar = progress.add_task("train", total=t.max_steps, completed=run.start_step, info="")
-        for first, count in intervals(run.start_step, t.max_steps, [t.log_steps, t.save_steps, eval_every]):
+        bar = progress.add_task("train", total=t.max_steps, completed=begin, info="")
+        for first, count in intervals(begin, end, [t.log_steps, t.save_steps, eval_every]):
             t0 = time.perf_counter()
             per_step = steps(first, count)
             # The call is what the controller can time: its tokens over its wall time.
@@ -358,16 +362,16 @@ def run_steps(cfg: RunConfig, steps, save, run: Run, tracker, console, state: di
             done = first + count
             info = progress_line(metrics)
             progress.update(bar, completed=done, info=info)
-            if done % t.save_steps == 0 or done == t.max_steps:
+            if done % t.save_steps == 0 or done == end:
                 # An 8B checkpoint going up to an object store takes minutes: say what is happening.
                 progress.update(bar, info=f"{info}  [dim]saving {run.checkpoint_dir(f'step{done}')}[/]")
                 save(done)
                 write_state(run, done, state)
                 progress.update(bar, info=info)
-            if evaluate is not None and ((eval_every and done % eval_every == 0) or done == t.max_steps):
+            if evaluate is not None and ((eval_every and done % eval_every == 0) or done == end):
                 metrics |= evaluate(done)
-    if evaluate is not None and run.start_step == t.max_steps and tracker.last_step("eval/kl") < t.max_steps:
-        metrics = evaluate(t.max_steps)  # killed after the last checkpoint, before the last evaluation
+    if evaluate is not None and begin == end and tracker.last_step("eval/kl") < end:
+        metrics = evaluate(end)  # killed after the last checkpoint, before the last evaluation
     return metrics
 
 

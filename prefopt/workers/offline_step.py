@@ -59,10 +59,15 @@ def micro_batch_loss(model, data, indices: list[int], cfg: RunConfig, ref: dict[
     """
     from prefopt.losses import is_unpaired, needs_rejected, pairwise_loss, unpaired_loss
 
-    name, params = cfg.algorithm.name, cfg.algorithm.loss_params()  # the loss fills in its defaults
+    name, params = cfg.loss_name, cfg.algorithm.loss_params()  # the loss fills in its defaults
     logps, info = forward_logps(model, data, indices, packing, rejected=needs_rejected(name))
     ref_of = (lambda role: torch.tensor(ref[role])) if ref is not None else (lambda role: None)  # a copy: live answers are read-only
-    if is_unpaired(name):
+    if name == "sft" and data.kind == "unpaired":
+        # ReST's Improve data: the kept samples alone, as completions (the loss reads no other).
+        out = pairwise_loss(name, policy_chosen_logps=logps["completion"], policy_rejected_logps=None,
+                            ref_chosen_logps=None, ref_rejected_logps=None, chosen_lengths=info["completion"],
+                            rejected_lengths=None, **params)
+    elif is_unpaired(name):
         out = unpaired_loss(name, policy_logps=logps["completion"], ref_logps=ref_of("completion"),
                             desirable=info["desirable"], kl_policy_logps=logps["kl"],
                             kl_ref_logps=ref_of("kl"), lengths=info["completion"], **params)

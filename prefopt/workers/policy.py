@@ -35,6 +35,21 @@ class PolicyWorker(Trainer):
         self.live: list | None = None
         return info | {"packing": self.packing}
 
+    def use_data(self, data_path: str, ref_cache=None) -> int:
+        """Train on other data from now on (a round's, prefopt.algorithms.rounds), with its
+        reference log-probs when the loss reads them. -> its rows."""
+        self.open_data(data_path)
+        self.ref_logps = ref_cache.read() if ref_cache is not None else None
+        return self.data.num_rows
+
+    def scale_lr(self, factor: float) -> None:
+        """Train at train.lr x factor from the next step on (ReST's decay over Improve steps): the
+        schedule's base moves, its shape (warm-up, decay) stays."""
+        sched = self.scheduler
+        sched.base_lrs = [self.cfg.train.lr * factor for _ in sched.base_lrs]
+        for group, base, shape in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas, strict=True):
+            group["lr"] = base * shape(sched.last_epoch)
+
     def before_step(self, step: int, micro_rows: list[list[int]]) -> None:
         # Live reference: ask for every micro-batch now, so the reference computes while we do.
         self.live = [self.ref_actor.logps.remote(rows) for rows in micro_rows] if self.ref_actor else None

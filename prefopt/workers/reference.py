@@ -14,7 +14,6 @@ reference far larger than the GPU fits beside the policy). It answers:
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from prefopt.cluster.engine_worker import EngineWorker
 
@@ -32,20 +31,12 @@ class ReferenceWorker(EngineWorker):
         self.data = TokenizedData.open(data_path) if data_path else None
         return info
 
-    @torch.no_grad()
-    def logps(self, indices: list[int]) -> dict[str, np.ndarray]:
-        """Summed completion log-probs (fp32) of the rows, by role: chosen/rejected or completion/kl."""
-        from prefopt.workers.offline_step import reference_logps
+    def use_data(self, data_path: str) -> int:
+        """Answer for other rows from now on (a round's data, prefopt.algorithms.rounds). -> their number."""
+        from prefopt.data import TokenizedData
 
-        step = self.role.score_batch
-        parts = [reference_logps(self.model, self.data, indices[s : s + step], self.packing)
-                 for s in range(0, len(indices), step)]
-        return {role: torch.cat([p[role] for p in parts]).numpy() for role in parts[0]}
-
-    def logps_of_rows(self, indices: list[int]) -> list[dict[str, float]]:
-        """`logps` as one dict per row, the shape WorkerGroup.split gathers."""
-        values = self.logps(indices)
-        return [{role: float(v[i]) for role, v in values.items()} for i in range(len(indices))]
+        self.data = TokenizedData.open(data_path)
+        return self.data.num_rows
 
 
 def fill_cache(group, cache, missing: list, on_shard=None) -> int:
