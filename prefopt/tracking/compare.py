@@ -73,16 +73,24 @@ def is_comparison(run: Run) -> bool:
 PPO_REWARD = {"task": "gt", "model": "rm", "judge": "judge"}
 
 
+# Multi-round algorithms and the loss their rounds train by default (prefopt.algorithms.rounds).
+ROUND_LOSS = {"rest": "sft", "iterative_dpo": "dpo"}
+
+
 def method_of(run: Run) -> str:
     """The series a run belongs to, saying what the method is: an offline run's loss ('dpo',
     'simpo'); PPO with its reward source and, when not GAE, its advantage estimator ('ppo-gt',
-    'ppo-rm', 'ppo-judge-rloo'); else the algorithm."""
+    'ppo-rm', 'ppo-judge-rloo'); ReST and iterative DPO ('rest', 'rest-dpo', 'iterative_dpo-ipo');
+    else the algorithm."""
     tags, params = run.data.tags, run.data.params
     algorithm = tags.get(TAG_ALGORITHM)
     if algorithm == "ppo":
         source = PPO_REWARD.get(params.get("reward.source", "task"), params.get("reward.source", "task"))
         advantage = params.get("ppo.advantage", "gae")
         return f"ppo-{source}" + ("" if advantage == "gae" else f"-{advantage}")
+    if algorithm in ROUND_LOSS:  # with the loss its rounds train, when not the usual one: 'rest-dpo'
+        loss = tags.get(TAG_LOSS, ROUND_LOSS[algorithm])
+        return algorithm if loss == ROUND_LOSS[algorithm] else f"{algorithm}-{loss}"
     if algorithm and algorithm != "offline":
         return algorithm
     return tags.get(TAG_LOSS) or params.get("algorithm.name") or "unknown"
