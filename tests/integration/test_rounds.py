@@ -124,3 +124,17 @@ def test_iterative_dpo_on_two_zero3_ranks_resumes_inside_the_second_grow(tmp_pat
     assert [m["step"] for m in read_metrics(out)] == list(range(1, 7))
     for key in ("loss", "eval/reward", "eval/kl"):
         assert resumed.final_metrics[key] == pytest.approx(straight.final_metrics[key], abs=1e-5), key
+
+
+def test_rest_improve_from_grow_starts_each_improve_step_again_from_the_grow_policy(tmp_path, tiny_model_dir,
+                                                                                     ray_local):
+    sets = [f"model.path={tiny_model_dir}", *REST_SETS, "policy.num_workers=1", "rest.lr_decay=1.0", "train.lr=2e-3"]
+    losses = {}
+    for start_from in ("previous", "grow"):
+        out = tmp_path / start_from
+        train(load_config(REST, [*sets, f"rest.improve_from={start_from}", f"output_dir={out}"]), quiet())
+        losses[start_from] = [m["loss"] for m in read_metrics(out)]
+    # The same run up to the end of Improve 1, then Improve 2 from the Grow's policy: it has not
+    # learnt the kept samples yet, so its first loss on them is higher than the trained policy's.
+    assert losses["grow"][:3] == pytest.approx(losses["previous"][:3], abs=1e-6)
+    assert losses["grow"][3] > losses["previous"][3] + 1e-3, losses
