@@ -256,28 +256,6 @@ class EngineWorker:
         finally:
             self.model.train(was_training)
 
-    @torch.no_grad()
-    def logps(self, indices: list[int]) -> dict[str, np.ndarray]:
-        """Summed completion log-probs (fp32) of rows of the worker's data (self.data), by role:
-        chosen/rejected or completion/kl (the RefCache's values). On a trained policy: the
-        reference of a round that starts from it (prefopt.algorithms.rounds)."""
-        from prefopt.workers.offline_step import reference_logps
-
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            step = self.role.score_batch
-            parts = [reference_logps(self.model, self.data, indices[s : s + step], self.packing)
-                     for s in range(0, len(indices), step)]
-        finally:
-            self.model.train(was_training)
-        return {role: torch.cat([p[role] for p in parts]).numpy() for role in parts[0]}
-
-    def logps_of_rows(self, indices: list[int]) -> list[dict[str, float]]:
-        """`logps` as one dict per row, the shape WorkerGroup.split gathers."""
-        values = self.logps(indices)
-        return [{role: float(v[i]) for role, v in values.items()} for i in range(len(indices))]
-
     # ------------------------------------------------------------------ checkpoints and export
 
     def save_checkpoint(self, directory: str, tag: str, client_state: dict) -> list[tuple[str, int, str]]:

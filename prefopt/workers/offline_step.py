@@ -44,6 +44,30 @@ def forward_logps(model, data, indices: list[int], packing: bool, *, rejected: b
     return out, info
 
 
+class RowLogps:
+    """For an engine worker holding tokenized data (self.data, self.packing): the summed
+    completion log-probs of its rows, by role (chosen/rejected or completion/kl), fp32: the
+    RefCache's values. The reference role answers them; so does a trained policy, as the
+    reference of a round that starts from it (prefopt.algorithms.rounds)."""
+
+    @torch.no_grad()
+    def logps(self, indices: list[int]) -> dict[str, np.ndarray]:
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            step = self.role.score_batch
+            parts = [reference_logps(self.model, self.data, indices[s : s + step], self.packing)
+                     for s in range(0, len(indices), step)]
+        finally:
+            self.model.train(was_training)
+        return {role: torch.cat([p[role] for p in parts]).numpy() for role in parts[0]}
+
+    def logps_of_rows(self, indices: list[int]) -> list[dict[str, float]]:
+        """`logps` as one dict per row, the shape WorkerGroup.split gathers."""
+        values = self.logps(indices)
+        return [{role: float(v[i]) for role, v in values.items()} for i in range(len(indices))]
+
+
 @torch.no_grad()
 def reference_logps(model, data, indices: list[int], packing: bool) -> dict[str, torch.Tensor]:
     """Reference side: fp32 summed log-probs of the rows, by role (what the RefCache stores)."""

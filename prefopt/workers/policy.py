@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from prefopt.workers.offline_step import micro_batch_loss
+from prefopt.workers.offline_step import RowLogps, micro_batch_loss
 from prefopt.workers.trainer import Trainer
 
 
-class PolicyWorker(Trainer):
+class PolicyWorker(RowLogps, Trainer):
     def __init__(self, config_json: str):
         super().__init__(config_json, role="policy")
 

@@ -16,9 +16,10 @@ from __future__ import annotations
 import numpy as np
 
 from prefopt.cluster.engine_worker import EngineWorker
+from prefopt.workers.offline_step import RowLogps
 
 
-class ReferenceWorker(EngineWorker):
+class ReferenceWorker(RowLogps, EngineWorker):
     def __init__(self, config_json: str):
         super().__init__(config_json, role="ref")
 
