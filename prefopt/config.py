@@ -288,7 +288,7 @@ class RestConfig(Section):
 
     grow_steps: int = Field(1, ge=1)
     thresholds: list[float] = Field([0.5, 0.7, 0.9], min_length=1,
-                                    description="one Improve step each, rising; in [0, 1] (threshold_on)")
+                                    description="one Improve step each, rising; in [0, 1) (threshold_on)")
     threshold_on: Literal["quantile", "normalised"] = Field(
         "quantile", description="quantile: of the grown set's rewards; normalised: the reward min-max "
         "scaled to [0, 1] over the grown set (the paper's)")

@@ -182,15 +182,17 @@ def keep_threshold(scores: np.ndarray, threshold: float, on: str) -> float:
 
 
 def rest_rows(cfg: RunConfig, grown: dict, phase: Phase, eos: str | None) -> tuple[list[dict], dict[str, float]]:
-    """ReST's Improve data: the samples at or above the threshold (sft: as completions; a
+    """ReST's Improve data: the samples above the threshold (sft: as completions; a
     pairwise loss: each prompt's best against its worst kept sample). -> (rows, metrics)."""
     from prefopt.algorithms.label import prompt_pairs, usable
 
     scores = np.asarray(grown["score"], dtype=np.float64)
     cut = keep_threshold(scores, phase.threshold, cfg.rest.threshold_on)
-    # Above the threshold, as the paper keeps; at it only when nothing lies above (a top quantile of ties).
-    above = scores > cut if (scores > cut).any() else scores >= cut
-    keep = [int(i) for i in np.flatnonzero(above) if usable(grown["completion"][i], eos)]
+    # Above the threshold, as the paper keeps; at it only when nothing usable lies above (a top
+    # quantile of ties).
+    ok = np.array([usable(text, eos) for text in grown["completion"]], dtype=bool)
+    above = ok & (scores > cut) if (ok & (scores > cut)).any() else ok & (scores >= cut)
+    keep = [int(i) for i in np.flatnonzero(above)]
     if cfg.rest.loss == "sft":
         rows = [{"prompt": grown["prompt"][i], "completion": grown["completion"][i], "label": True} for i in keep]
     else:
@@ -226,11 +228,12 @@ def original_rows(cfg: RunConfig, sft: bool) -> list[dict]:
 
     source = read_source(cfg.data)
     out = []
+    needed = ("prompt", "chosen") if sft else ("prompt", "chosen", "rejected")
     for number, row in source.rows:
         texts = [row.get(k) for k in ("prompt", "chosen", "rejected")]
-        if not all(isinstance(t, str) for t in texts):
-            raise RoundError(f"rest.mix_original: {source.name} {source.row_word} {number} has no text prompt, "
-                             "chosen and rejected (a conversational data set cannot be mixed in); set "
+        if not all(isinstance(row.get(k), str) for k in needed):
+            raise RoundError(f"rest.mix_original: {source.name} {source.row_word} {number} has no text "
+                             f"{', '.join(needed)} (a conversational data set cannot be mixed in); set "
                              "rest.mix_original: false")
         out.append({"prompt": texts[0], "completion": texts[1], "label": True} if sft else
                    {"prompt": texts[0], "chosen": texts[1], "rejected": texts[2]})

@@ -127,7 +127,7 @@ def resolve_params(name: str, **params: Any) -> dict[str, Any]:
                 named.append(repr(key))
         raise ValueError(
             f"loss {name!r} does not take parameter {', '.join(named)}; "
-            f"its parameters are: {', '.join(declared.defaults)}"
+            + (f"its parameters are: {', '.join(declared.defaults)}" if declared.defaults else "it takes none")
         )
     resolved = {**declared.defaults, **given}
     for key, value in resolved.items():
