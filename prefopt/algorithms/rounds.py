@@ -84,6 +84,7 @@ def train(cfg: RunConfig, console, *, resume: bool | None = None) -> TrainResult
             policy = s.start("policy", "setup", s.inputs.rank_model_dir())
             scorer = s.own(start_scorer(cfg, console, lazy=True))  # the reward role: started once, if at all
             metrics: dict[str, float] = {}
+            grown_at = None  # (grow, samples, eos): the Improve steps of one Grow share its samples
             for phase in phases:
                 begin = max(phase.first, s.run.start_step)
                 if begin > phase.end:
@@ -92,8 +93,9 @@ def train(cfg: RunConfig, console, *, resume: bool | None = None) -> TrainResult
                     console.print(f"[bold]{phase.name}[/]: steps {begin + 1}..{phase.end}")
                     if cfg.algorithm.name == "rest" and cfg.rest.improve_from == "grow":
                         from_grow_start(s, policy, phase, phases)
-                    grown, eos = grow(s, policy, scorer, prompts, phase, phases)
-                    phase_data(s, policy, phase, grown, eos)
+                    if grown_at is None or grown_at[0] != phase.grow:
+                        grown_at = (phase.grow, *grow(s, policy, scorer, prompts, phase, phases))
+                    phase_data(s, policy, phase, *grown_at[1:])
                     scale = cfg.rest.lr_decay ** phase.improve if cfg.algorithm.name == "rest" else 1.0
                     policy.call("scale_lr", scale)
                 # At the phase's end (begin == end): only the evaluation, if a kill skipped it.
@@ -184,7 +186,7 @@ def keep_threshold(scores: np.ndarray, threshold: float, on: str) -> float:
 def rest_rows(cfg: RunConfig, grown: dict, phase: Phase, eos: str | None) -> tuple[list[dict], dict[str, float]]:
     """ReST's Improve data: the samples above the threshold (sft: as completions; a
     pairwise loss: each prompt's best against its worst kept sample). -> (rows, metrics)."""
-    from prefopt.algorithms.label import prompt_pairs, usable
+    from prefopt.algorithms.label import build_rows, usable
 
     scores = np.asarray(grown["score"], dtype=np.float64)
     cut = keep_threshold(scores, phase.threshold, cfg.rest.threshold_on)
@@ -195,17 +197,9 @@ def rest_rows(cfg: RunConfig, grown: dict, phase: Phase, eos: str | None) -> tup
     keep = [int(i) for i in np.flatnonzero(above)]
     if cfg.rest.loss == "sft":
         rows = [{"prompt": grown["prompt"][i], "completion": grown["completion"][i], "label": True} for i in keep]
-    else:
-        by_prompt: dict[int, list[int]] = {}
-        for i in keep:
-            by_prompt.setdefault(grown["prompt_index"][i], []).append(i)
-        rows = []
-        for index in sorted(by_prompt):
-            kept = by_prompt[index]
-            for c, r in prompt_pairs([scores[i] for i in kept], "best_worst"):
-                chosen, rejected = grown["completion"][kept[c]], grown["completion"][kept[r]]
-                if chosen != rejected:
-                    rows.append({"prompt": grown["prompt"][kept[c]], "chosen": chosen, "rejected": rejected})
+    else:  # label's pairing, on the kept samples alone
+        kept = {c: [grown[c][i] for i in keep] for c in ("prompt", "prompt_index", "completion")}
+        rows = build_rows(kept, [float(scores[i]) for i in keep], "best_worst", min_gap=0.0, seed=0, eos_token=eos)
     metrics = {"rest/threshold": cut, "rest/kept": float(len(keep)), "rest/kept_fraction": len(keep) / len(scores),
                "rest/kept_reward": float(scores[keep].mean()) if keep else float("nan"),
                "rest/rows": float(len(rows))}

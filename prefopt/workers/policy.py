@@ -27,9 +27,9 @@ class PolicyWorker(RowLogps, Trainer):
         info = self.build(model_dir, train=True)
         # Every rank probes together: under ZeRO-3 a forward is a collective.
         self.packing = resolve_packing(self.engine.module, self.cfg.data.packing)
+        self.ref_logps = None
         if data_path:
-            self.open_data(data_path)
-        self.ref_logps = ref_cache.read() if ref_cache is not None else None
+            self.use_data(data_path, ref_cache)
         # Spread live requests over the reference ranks; each policy rank always asks the same one.
         self.ref_actor = ref_actors[self.rank % len(ref_actors)] if ref_actors else None
         self.live: list | None = None

@@ -24,12 +24,13 @@ class ReferenceWorker(RowLogps, EngineWorker):
         super().__init__(config_json, role="ref")
 
     def setup(self, model_dir: str, data_path: str | None = None) -> dict:
-        from prefopt.data import TokenizedData
         from prefopt.models.logprobs import resolve_packing
 
         info = self.build(model_dir, train=False)
         self.packing = resolve_packing(self.model, self.cfg.data.packing)
-        self.data = TokenizedData.open(data_path) if data_path else None
+        self.data = None
+        if data_path:
+            self.use_data(data_path)
         return info
 
     def use_data(self, data_path: str) -> int:
