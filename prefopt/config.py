@@ -90,6 +90,11 @@ class DataConfig(Section):
         "\n\nAssistant:", min_length=1,
         description="implicit_prompt text format: the prompt ends at the last marker both share",
     )
+    part_rows: int = Field(
+        10_000, ge=1, description="rows prepared together: memory is a few parts', whatever the corpus "
+        "size (docs/data.md, 'Large corpora')")
+    num_proc: int | None = Field(
+        None, ge=1, description="processes that prepare parts; null: one per CPU of this machine")
 
     @model_validator(mode="after")
     def _one_source(self) -> DataConfig:

@@ -74,13 +74,14 @@ def prepare_inputs(cfg: RunConfig, console) -> Inputs:
     import hashlib
 
     from prefopt.data import prepare
+    from prefopt.data.prepare import progress_bar
     from prefopt.models import model_and_tokenizer
 
     work = local_dir_for(cfg.output_dir)
     with console.status("model and tokenizer"):
         model_dir, tokenizer = model_and_tokenizer(cfg.model, work)
-    with console.status("reading, validating and tokenizing the data"):
-        data = prepare(cfg, tokenizer, work / "data")
+    with progress_bar(console, "reading, validating and tokenizing the data") as progress:
+        data = prepare(cfg, tokenizer, work / "data", progress)
     console.print(f"data: {data.report.summary()}  [dim]fingerprint {data.fingerprint[:16]}[/]")
     inputs = Inputs(model_dir, tokenizer, data, model_for_ranks=cfg.model.path if is_remote(cfg.model.path or "") else None)
     if is_remote(cfg.output_dir):

@@ -15,7 +15,8 @@ Workers (from the path alone; TokenizedData also pickles as its path):
 Batch layout: prefopt.data.collate (pairs: chosen of every row first, then rejected);
 SEQUENCE_ROLES[td.kind] names the sequences of one example in that order.
 Modules, in pipeline order: sources (read), formats (which format), validate (row checks),
-tokenize (ids, EOS, truncation), fingerprint, store (write once / open), prepare (all of it),
+tokenize (ids, EOS, truncation), fingerprint, store (write once / open), parts (a source cut
+into parts, prepared in parallel and resumably), prepare (all of it),
 collate (batches), cli (`prefopt data validate CONFIG`); errors (DataError, Problem) is what
 they all report with. User guide: docs/data.md.
 """

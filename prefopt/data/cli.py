@@ -7,7 +7,9 @@ would stop it (data.on_bad_row: error), 2 when the source itself is unusable.
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -46,17 +48,23 @@ def register(app: typer.Typer, load_tokenizer: Callable[[RunConfig], Any]) -> No
 def print_report(cfg: RunConfig, tokenizer: Any, show: int) -> None:
     """Check the run's data with `tokenizer`, print the report, exit 1 or 2 where it would stop."""
     from prefopt.data.errors import DataError
-    from prefopt.data.fingerprint import fingerprint, tokenizer_fingerprint
-    from prefopt.data.prepare import check
+    from prefopt.data.prepare import prepare_parts, progress_bar
+
+    # Parts go to a temporary directory (memory stays a few parts', whatever the corpus size) and
+    # are gone at the end: validating writes nothing where the run would look.
+    with tempfile.TemporaryDirectory(prefix="prefopt-validate-") as scratch:
+        try:
+            with progress_bar(console, "reading, validating and tokenizing") as progress:
+                prepared = prepare_parts(cfg, tokenizer, Path(scratch), progress)
+        except DataError as exc:
+            fail(str(exc))
+        _print(cfg, tokenizer, prepared, show)
+
+
+def _print(cfg: RunConfig, tokenizer: Any, prepared, show: int) -> None:
     from prefopt.data.report import describe_reason
 
-    try:
-        with console.status("reading, validating and tokenizing"):
-            checked = check(cfg, tokenizer)
-    except DataError as exc:
-        fail(str(exc))
-    report = checked.report
-
+    report = prepared.report
     table = Table(show_header=False, box=None, pad_edge=False)
     table.add_row("source", report.source)
     table.add_row("format", report.format)
@@ -66,10 +74,7 @@ def print_report(cfg: RunConfig, tokenizer: Any, show: int) -> None:
     for name, n in report.truncated.items():
         table.add_row(f"  truncated: {name}", f"{n}  [dim]completion cut to data.max_length={cfg.data.max_length}[/]")
     if report.rows_kept:
-        fp = fingerprint(checked.table, format=report.format,
-                         tokenizer_id=tokenizer_fingerprint(tokenizer),
-                         max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length)
-        table.add_row("fingerprint", fp[:16])
+        table.add_row("fingerprint", prepared.fingerprint(cfg, tokenizer)[:16])
     console.print(table)
     for line in report.problem_lines(show):
         console.print(line, highlight=False, soft_wrap=True)

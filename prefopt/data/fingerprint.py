@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -46,28 +47,74 @@ def _put(h, data: bytes) -> None:
     h.update(data)
 
 
-def _hash_column(h, column: pa.ChunkedArray) -> None:
-    array = column.combine_chunks()
-    if pa.types.is_list(array.type) or pa.types.is_large_list(array.type):
-        # Offsets (normalised to start at 0) say where each row ends; values are the ids.
+def _is_list(kind: pa.DataType) -> bool:
+    return pa.types.is_list(kind) or pa.types.is_large_list(kind)
+
+
+def _hash_list_column(h, chunks: Callable[[], Iterable[pa.Array]]) -> None:
+    # The bytes the whole column would give (offsets from 0, then the ids as int64), hashed chunk
+    # by chunk: no chunk is combined with another, so memory is one chunk's and no column runs
+    # into Arrow's 2^31 limit on one list array's ids.
+    rows = ids = 0
+    for array in chunks():
+        rows, ids = rows + len(array), ids + array.offsets[-1].as_py() - array.offsets[0].as_py()
+    h.update(((rows + 1) * 8).to_bytes(8, "little"))
+    h.update(np.zeros(1, dtype=np.int64).tobytes())
+    base = 0
+    for array in chunks():
         offsets = np.asarray(array.offsets, dtype=np.int64)
-        _put(h, (offsets - offsets[0]).tobytes())
-        _put(h, np.asarray(array.flatten(), dtype=np.int64).tobytes())
-    else:
-        _put(h, json.dumps(array.to_pylist()).encode())
+        h.update((offsets[1:] - offsets[0] + base).tobytes())
+        base += int(offsets[-1] - offsets[0])
+    h.update((ids * 8).to_bytes(8, "little"))
+    for array in chunks():
+        h.update(np.asarray(array.flatten(), dtype=np.int64).tobytes())
+
+
+def _hash_json_column(h, chunks: Callable[[], Iterable[pa.Array]]) -> None:
+    # json.dumps of the whole column's list is "[" + the chunks' items joined by ", " + "]".
+    def pieces():
+        return (json.dumps(a.to_pylist())[1:-1].encode() for a in chunks() if len(a))
+
+    sizes = [len(p) for p in pieces()]
+    h.update((2 + sum(sizes) + 2 * max(len(sizes) - 1, 0)).to_bytes(8, "little"))
+    h.update(b"[")
+    for i, piece in enumerate(pieces()):
+        h.update(b", " + piece if i else piece)
+    h.update(b"]")
+
+
+def fingerprint_tables(tables: Callable[[], Iterable[pa.Table]], *, format: str, tokenizer_id: str,
+                       max_length: int, max_prompt_length: int) -> str:
+    """Hex sha256 of the tokenized data that `tables()` yields in order (fresh each call: a
+    prepared corpus is read back part by part, never held whole), plus the settings that produced
+    it. Equal to the fingerprint of the one table they concatenate, however they are cut."""
+    first, rows = None, 0
+    for table in tables():
+        first = first or table.schema
+        rows += table.num_rows
+    if first is None:
+        raise ValueError("fingerprint_tables: no tables")
+    h = hashlib.sha256()
+    header = {"version": PIPELINE_VERSION, "format": format, "tokenizer": tokenizer_id,
+              "max_length": max_length, "max_prompt_length": max_prompt_length, "rows": rows}
+    _put(h, json.dumps(header, sort_keys=True).encode())
+    for name in sorted(first.names):
+        if name in _NOT_CONTENT:
+            continue
+        _put(h, name.encode())
+
+        def chunks(name=name):
+            return (chunk for table in tables() for chunk in table[name].chunks)
+
+        if _is_list(first.field(name).type):
+            _hash_list_column(h, chunks)
+        else:
+            _hash_json_column(h, chunks)
+    return h.hexdigest()
 
 
 def fingerprint(table: pa.Table, *, format: str, tokenizer_id: str, max_length: int,
                 max_prompt_length: int) -> str:
     """Hex sha256 of a tokenized table plus the settings that produced it."""
-    h = hashlib.sha256()
-    header = {"version": PIPELINE_VERSION, "format": format, "tokenizer": tokenizer_id,
-              "max_length": max_length, "max_prompt_length": max_prompt_length,
-              "rows": table.num_rows}
-    _put(h, json.dumps(header, sort_keys=True).encode())
-    for name in sorted(table.column_names):
-        if name in _NOT_CONTENT:
-            continue
-        _put(h, name.encode())
-        _hash_column(h, table[name])
-    return h.hexdigest()
+    return fingerprint_tables(lambda: [table], format=format, tokenizer_id=tokenizer_id,
+                              max_length=max_length, max_prompt_length=max_prompt_length)

@@ -4,31 +4,45 @@
     td = TokenizedData.open(td.path)          # any worker, from the path alone
     rows = td.rows([4, 9, 12])                # its own shard, by position
 
+The source is prepared in parts of `data.part_rows` rows (prefopt.data.parts), in
+`data.num_proc` processes, each part written to out_dir/parts-<key> as it completes; the parts
+are then streamed into one memory-mapped file. The driver's memory is a few parts', whatever
+the corpus size, and the result is the same bytes and fingerprint whatever the parallelism.
+The key names the source file (path, size, mtime) and every setting, so a preparation killed
+partway prepares only its missing parts when started again, and a finished one is reused.
+
 `data.on_bad_row`: error (default) stops with every problem listed (file, row, field); skip
 drops the rows, logs a summary by reason and the first problems, and goes on. Problems of the
-whole source (unreadable file, missing or extra columns) always stop. Nothing is written
-before every row has passed, and the tokenized data is written once per fingerprint.
+whole source (unreadable file, missing or extra columns) always stop. Nothing is written as the
+run's data before every row has passed, and the tokenized data is written once per fingerprint.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
-from dataclasses import dataclass
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pyarrow as pa
 
 from prefopt.config import RunConfig
-from prefopt.data.errors import DataError
-from prefopt.data.fingerprint import fingerprint, tokenizer_fingerprint
-from prefopt.data.formats import FormatSpec, resolve_format
+from prefopt.data.errors import DataError, Problem
+from prefopt.data.fingerprint import PIPELINE_VERSION, fingerprint_tables, tokenizer_fingerprint
+from prefopt.data.formats import FormatSpec
+from prefopt.data.parts import PartResult, SourcePlan, load_table, plan_source, run_parts
 from prefopt.data.report import DataReport
-from prefopt.data.sources import read_source
-from prefopt.data.store import TokenizedData, to_table, write
-from prefopt.data.tokenize import encode, pad_token_id
-from prefopt.data.validate import check_rows
+from prefopt.data.store import TokenizedData, to_table, write_batches
+from prefopt.data.tokenize import pad_token_id
 
 log = logging.getLogger("prefopt.data")
+
+OnPart = Callable[[int, int], None]  # called with (parts done, parts in all)
 
 
 @dataclass
@@ -40,30 +54,108 @@ class Checked:
     report: DataReport
 
 
+@dataclass
+class Prepared:
+    """Every part prepared: the report, and the tokenized rows part by part (never all at once)."""
+
+    plan: SourcePlan
+    results: list[PartResult]
+    report: DataReport
+    parts_dir: Path | None
+    reused: int  # parts found done in parts_dir
+
+    @property
+    def spec(self) -> FormatSpec:
+        return self.plan.settings.spec
+
+    def tables(self) -> Iterator[pa.Table]:
+        for ref, result in zip(self.plan.parts, self.results, strict=True):
+            yield result.table if result.table is not None else load_table(self.parts_dir, ref)
+
+    def fingerprint(self, cfg: RunConfig, tokenizer) -> str:
+        return fingerprint_tables(self.tables, format=self.spec.name, tokenizer_id=tokenizer_fingerprint(tokenizer),
+                                  max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length)
+
+
+@contextmanager
+def progress_bar(console, description: str) -> Iterator[OnPart]:
+    """A bar of parts done, for a preparation that takes more than a moment."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (TextColumn(f"[bold]{description}"), BarColumn(), MofNCompleteColumn(), TextColumn("parts"),
+               TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task(description, total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)
+
+
+def num_proc(cfg: RunConfig) -> int:
+    return cfg.data.num_proc or os.cpu_count() or 1
+
+
+def parts_dir_for(cfg: RunConfig, plan: SourcePlan, tokenizer, out_dir: Path) -> Path | None:
+    """Where a file's parts are kept, named by the file and every setting; None for sources read whole."""
+    if plan.identity is None:
+        return None
+    data = cfg.data.model_dump(exclude={"on_bad_row", "packing", "heldout_path", "num_proc", "seed", "split"})
+    key = {"version": PIPELINE_VERSION, "source": plan.identity, "data": data,
+           "tokenizer": tokenizer_fingerprint(tokenizer)}
+    return out_dir / f"parts-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]}"
+
+
+def prepare_parts(cfg: RunConfig, tokenizer, out_dir: Path | None = None, progress: OnPart | None = None,
+                  plan: SourcePlan | None = None) -> Prepared:
+    """Read, validate and tokenize every part (in parallel), whatever `on_bad_row` says; raise only
+    for whole-source problems. With out_dir, parts go to disk (and are reused from there)."""
+    plan = plan or plan_source(cfg.data, cfg.data.part_rows)
+    parts_dir = parts_dir_for(cfg, plan, tokenizer, Path(out_dir)) if out_dir is not None else None
+    results, reused = run_parts(plan, tokenizer, parts_dir=parts_dir, num_proc=num_proc(cfg), progress=progress)
+    problems = [p for r in results for p in r.problems]
+    truncated: dict[str, int] = {}
+    for r in results:
+        for name, n in r.truncated.items():
+            truncated[name] = truncated.get(name, 0) + n
+    report = DataReport.build(plan.settings.name, plan.settings.spec.name, sum(r.rows_read for r in results),
+                              sum(r.num_rows for r in results), problems, truncated)
+    if reused:
+        log.info("data: %d of %d parts reused from %s", reused, len(plan.parts), parts_dir)
+    return Prepared(plan, results, report, parts_dir, reused)
+
+
 def check(cfg: RunConfig, tokenizer) -> Checked:
-    """Run every check and tokenize, whatever `on_bad_row` says; raise only for whole-source problems."""
-    data = cfg.data
-    source = read_source(data)
-    spec = resolve_format(source, data.format, data.ignore_columns)
-    examples, problems = check_rows(source, spec, data.assistant_marker)
-    encoded = encode(examples, spec, source, tokenizer,
-                     max_length=data.max_length, max_prompt_length=data.max_prompt_length)
-    problems = sorted(problems + encoded.problems, key=lambda p: p.row or 0)
-    table = to_table(encoded.columns)
-    report = DataReport.build(source.name, spec.name, len(source.rows) + len(source.problems),
-                              table.num_rows, problems, encoded.truncated)
-    return Checked(spec, table, report)
+    """Run every check and tokenize in memory (small sources: prompts, tests); see prepare_parts."""
+    prepared = prepare_parts(cfg, tokenizer)
+    table = pa.concat_tables(list(prepared.tables())) if prepared.results else to_table({})
+    return Checked(prepared.spec, table, prepared.report)
 
 
-def prepare(cfg: RunConfig, tokenizer, out_dir: str | Path) -> TokenizedData:
-    """Validate and tokenize `cfg.data` with `tokenizer`; write it under out_dir once; open it.
+# A finished preparation leaves, inside the tokenized data it wrote, a record named by its parts
+# directory's key: the next preparation of the same file and settings finds it there and reads nothing.
+_RECORDS = "prepared_from"
 
-    Raises DataError when a row is bad and `data.on_bad_row` is error, when the source cannot
-    be read or its columns do not fit the format, or when no row is left.
-    """
-    checked = check(cfg, tokenizer)
-    report = checked.report
-    if report.problems and cfg.data.on_bad_row == "error":
+
+def _prepared_before(parts_dir: Path | None) -> tuple[TokenizedData, DataReport] | None:
+    """The tokenized data a finished preparation of the same file and settings wrote, if still there."""
+    if parts_dir is None:
+        return None
+    for record_file in parts_dir.parent.glob(f"tokenized-*/{_RECORDS}/{parts_dir.name}.json"):
+        try:
+            fields = json.loads(record_file.read_text())
+            report = DataReport(**{**fields, "problems": [Problem(**p) for p in fields["problems"]]})
+            return TokenizedData.open(record_file.parent.parent), report
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return None
+
+
+def _record(parts_dir: Path, tokenized: Path, report: DataReport) -> None:
+    (tokenized / _RECORDS).mkdir(exist_ok=True)
+    fields = asdict(report) | {"problems": [asdict(p) for p in report.problems]}
+    (tokenized / _RECORDS / f"{parts_dir.name}.json").write_text(json.dumps(fields))
+
+
+def _refuse_or_log(report: DataReport, on_bad_row: str) -> None:
+    if report.problems and on_bad_row == "error":
         raise DataError("\n".join([
             f"{len(report.problems)} bad row(s) in {report.source} "
             "(fix them, or set data.on_bad_row=skip to drop them):",
@@ -78,17 +170,49 @@ def prepare(cfg: RunConfig, tokenizer, out_dir: str | Path) -> TokenizedData:
     if report.rows_kept == 0:
         raise DataError(f"{report.source}: no usable rows ({report.summary()})")
 
-    pad = pad_token_id(tokenizer)
-    fp = fingerprint(checked.table, format=checked.spec.name,
-                     tokenizer_id=tokenizer_fingerprint(tokenizer),
-                     max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length)
+
+def prepare(cfg: RunConfig, tokenizer, out_dir: str | Path, progress: OnPart | None = None) -> TokenizedData:
+    """Validate and tokenize `cfg.data` with `tokenizer`; write it under out_dir once; open it.
+
+    Raises DataError when a row is bad and `data.on_bad_row` is error, when the source cannot
+    be read or its columns do not fit the format, or when no row is left.
+    """
+    out_dir = Path(out_dir)
+    plan = plan_source(cfg.data, cfg.data.part_rows)
+    parts_dir = parts_dir_for(cfg, plan, tokenizer, out_dir)
+    if (done := _prepared_before(parts_dir)) is not None:
+        td, report = done
+        _refuse_or_log(report, cfg.data.on_bad_row)
+        log.info("data: reusing %s (prepared before from the same file and settings)", td.path)
+        td.report = report
+        return td
+    existed = out_dir.exists()
+    try:
+        prepared = prepare_parts(cfg, tokenizer, out_dir, progress, plan)
+        report = prepared.report
+        _refuse_or_log(report, cfg.data.on_bad_row)
+    except DataError:
+        # The file must change before a run can start, and a changed file is a new key: these
+        # parts would never be read again. (A killed or failed preparation keeps them.)
+        if parts_dir is not None:
+            shutil.rmtree(parts_dir, ignore_errors=True)
+        if not existed and out_dir.is_dir() and not any(out_dir.iterdir()):
+            out_dir.rmdir()
+        raise
+
+    fp = prepared.fingerprint(cfg, tokenizer)
     manifest = {
-        "fingerprint": fp, "format": checked.spec.name, "num_rows": checked.table.num_rows,
+        "fingerprint": fp, "format": prepared.spec.name, "num_rows": report.rows_kept,
         "max_length": cfg.data.max_length, "max_prompt_length": cfg.data.max_prompt_length,
-        "pad_token_id": pad, "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": pad_token_id(tokenizer), "eos_token_id": tokenizer.eos_token_id,
         "report": report.to_dict(),
     }
-    path = write(Path(out_dir), checked.table, manifest)
+    path = write_batches(out_dir, prepared.tables, manifest)
+    if parts_dir is not None:
+        # The parts are in the tokenized data now: a record of what they made replaces them.
+        _record(parts_dir, path, report)
+        shutil.rmtree(parts_dir, ignore_errors=True)
     td = TokenizedData.open(path)
     td.report = report  # this run's report, problems included (the manifest keeps the first's)
     return td
+

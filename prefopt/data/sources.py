@@ -93,7 +93,7 @@ def _not_utf8_message(exc: UnicodeDecodeError, position: str) -> str:
             "encoding, such as Windows-1252), or fix that character")
 
 
-def _refuse_utf16(path: Path) -> None:
+def refuse_utf16(path: Path) -> None:
     # Windows tools (PowerShell's `>`) write UTF-16; every line would be a bad row otherwise.
     with path.open("rb") as f:
         head = f.read(2)
@@ -103,18 +103,23 @@ def _refuse_utf16(path: Path) -> None:
 
 
 def _read_json(path: Path) -> Source:
-    _refuse_utf16(path)
+    refuse_utf16(path)
     # A UTF-8 byte order mark (some Windows editors write one) would make line 1 invalid JSON.
-    data = path.read_bytes().removeprefix(codecs.BOM_UTF8)
+    return parse_json(str(path), path.read_bytes().removeprefix(codecs.BOM_UTF8))
+
+
+def parse_json(name: str, data: bytes, first_line: int = 1) -> Source:
+    """The rows of JSON Lines (or one JSON array) in `data`, whose first line is `first_line` of
+    the file `name`: a part of a large file is parsed alone (prefopt.data.parts)."""
     lines: list[tuple[int, str]] = []
     problems = []
     # Split the bytes at \n, \r\n or \r only: str.splitlines would also split at U+2028 and
     # other characters that a JSON string may hold, and miscount the lines after them.
-    for number, raw in enumerate(data.splitlines(), start=1):
+    for number, raw in enumerate(data.splitlines(), start=first_line):
         try:
             lines.append((number, raw.decode("utf-8")))
         except UnicodeDecodeError as exc:
-            problems.append(Problem(str(path), number, None, "not_utf8",
+            problems.append(Problem(name, number, None, "not_utf8",
                                     _not_utf8_message(exc, "column"), row_word="line"))
     rows: list[tuple[int, dict]] = []
     if data.lstrip().startswith(b"["):
@@ -124,7 +129,7 @@ def _read_json(path: Path) -> Source:
         try:
             items = json.loads("\n".join(line for _, line in lines))
         except json.JSONDecodeError as exc:
-            raise DataError(f"{path}: not valid JSON: {exc}") from None
+            raise DataError(f"{name}: not valid JSON: {exc}") from None
         numbered = list(enumerate(items, start=1))
         word = "row"
     else:
@@ -135,27 +140,28 @@ def _read_json(path: Path) -> Source:
             try:
                 numbered.append((number, json.loads(line)))
             except json.JSONDecodeError as exc:
-                problems.append(Problem(str(path), number, None, "bad_json",
+                problems.append(Problem(name, number, None, "bad_json",
                                         f"not valid JSON: {exc}", row_word="line"))
         word = "line"
     for number, item in numbered:
         if isinstance(item, dict):
             rows.append((number, item))
         else:
-            problems.append(Problem(str(path), number, None, "bad_json",
+            problems.append(Problem(name, number, None, "bad_json",
                                     f"expected a JSON object, got {type(item).__name__}",
                                     row_word=word))
-    return Source(str(path), _columns_of(rows), rows, problems, row_word=word)
+    return Source(name, _columns_of(rows), rows, problems, row_word=word)
 
 
-def _from_table(name: str, table) -> Source:
-    """The rows of an Arrow table; a string that is not UTF-8 makes its row a bad row.
+def from_table(name: str, table, first_row: int = 1) -> Source:
+    """The rows of an Arrow table, the first numbered `first_row`; a string that is not UTF-8
+    makes its row a bad row.
 
     Arrow does not always check: pyarrow writes such strings to Parquet, datasets' JSON loader
     keeps them, and the CSV reader here is told not to check, so that the row can be named.
     """
     try:
-        rows = list(enumerate(table.to_pylist(), start=1))
+        rows = list(enumerate(table.to_pylist(), start=first_row))
         return Source(name, list(table.column_names), rows)
     except UnicodeDecodeError:
         pass  # slow path, only for data holding such a string: find its rows, cell by cell
@@ -172,16 +178,16 @@ def _from_table(name: str, table) -> Source:
                 values[column].append(cell.as_py())
             except UnicodeDecodeError as exc:
                 values[column].append(None)
-                problems.setdefault(i + 1, Problem(name, i + 1, column, "not_utf8",
-                                                   _not_utf8_message(exc, "character")))
-    rows = [(i + 1, {c: values[c][i] for c in table.column_names})
-            for i in range(table.num_rows) if i + 1 not in problems]
+                problems.setdefault(i + first_row, Problem(name, i + first_row, column, "not_utf8",
+                                                           _not_utf8_message(exc, "character")))
+    rows = [(i + first_row, {c: values[c][i] for c in table.column_names})
+            for i in range(table.num_rows) if i + first_row not in problems]
     return Source(name, list(table.column_names), rows, sorted(problems.values(), key=lambda p: p.row))
 
 
 def _from_dataset(name: str, dataset) -> Source:
     # The Arrow view honours a dataset's indices mapping (select/shuffle), unlike its raw table.
-    return _from_table(name, dataset.with_format("arrow")[:])
+    return from_table(name, dataset.with_format("arrow")[:])
 
 
 def _read_parquet(path: Path) -> Source:
@@ -191,14 +197,14 @@ def _read_parquet(path: Path) -> Source:
         table = pq.read_table(path)
     except Exception as exc:  # pyarrow raises several types; all mean "not a Parquet file"
         raise DataError(f"{path}: cannot read as Parquet: {exc}") from None
-    return _from_table(str(path), table)
+    return from_table(str(path), table)
 
 
 def _read_csv(path: Path, delimiter: str) -> Source:
     import pyarrow as pa
     import pyarrow.csv as pacsv
 
-    _refuse_utf16(path)
+    refuse_utf16(path)
     parse = pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True)
     try:
         names = pacsv.open_csv(path, parse_options=parse).schema.names
@@ -208,7 +214,7 @@ def _read_csv(path: Path, delimiter: str) -> Source:
     except pa.ArrowInvalid as exc:
         raise DataError(f"{path}: cannot read as CSV: {exc}") from None
     # Every column as text: a CSV has no types, and "5" is a string the user wrote. UTF-8 is
-    # checked per value (_from_table), so that a bad byte names its row rather than the file.
+    # checked per value (from_table), so that a bad byte names its row rather than the file.
     convert = pacsv.ConvertOptions(
         column_types={n: pa.string() for n in names}, strings_can_be_null=False, check_utf8=False
     )
@@ -216,7 +222,7 @@ def _read_csv(path: Path, delimiter: str) -> Source:
         table = pacsv.read_csv(path, parse_options=parse, convert_options=convert)
     except pa.ArrowInvalid as exc:
         raise DataError(f"{path}: cannot read as CSV: {exc}") from None
-    return _from_table(str(path), table)
+    return from_table(str(path), table)
 
 
 def _pick_split(dataset, name: str, split: str):

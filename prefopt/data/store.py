@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -105,8 +105,9 @@ class TokenizedData:
         return (TokenizedData.open, (self.source or str(self.path),))
 
 
-def write(out_dir: Path, table: pa.Table, manifest: dict) -> Path:
-    """Write table + manifest to out_dir/tokenized-<fp>, atomically; reuse it if it exists."""
+def write_batches(out_dir: Path, tables: Callable[[], Iterable[pa.Table]], manifest: dict) -> Path:
+    """Write the tables that `tables()` yields, in order, as one examples file plus the manifest
+    to out_dir/tokenized-<fp>, atomically; reuse it if it exists. One table is in memory at a time."""
     final = out_dir / f"tokenized-{manifest['fingerprint'][:16]}"
     if (final / MANIFEST).is_file():
         return final
@@ -114,7 +115,11 @@ def write(out_dir: Path, table: pa.Table, manifest: dict) -> Path:
     # half-written directory, and a process that loses a race to write the same fingerprint
     # just discards its copy.
     with building_dir(final, complete=lambda done: (done / MANIFEST).is_file()) as tmp:
-        with pa.OSFile(str(tmp / EXAMPLES), "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
-            w.write_table(table)
+        with pa.OSFile(str(tmp / EXAMPLES), "wb") as sink:
+            writer = None
+            for table in tables():
+                writer = writer or pa.ipc.new_file(sink, table.schema)
+                writer.write_table(table)
+            writer.close()
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return final

@@ -25,6 +25,7 @@ Truncation policy (counted in the report; docs/data.md)
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from prefopt.data.errors import DataError, Problem
@@ -46,6 +47,18 @@ class Encoded:
     columns: dict[str, list]
     problems: list[Problem]
     truncated: Counter = field(default_factory=Counter)  # completion field -> rows truncated
+
+
+def _batch_encoder(tokenizer) -> Callable[[list[str]], list[list[int]]]:
+    """texts -> ids without special tokens, one batched call (the Rust tokenizer is much faster
+    on batches). A fast tokenizer's backend is called directly, without offsets: half the time
+    of tokenizer(texts), same ids (transformers only wraps each result in Python objects)."""
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if not getattr(tokenizer, "is_fast", False) or not hasattr(backend, "encode_batch_fast") \
+            or getattr(tokenizer, "split_special_tokens", False):
+        return lambda texts: tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    tokenizer(["a"], add_special_tokens=False)  # resets padding/truncation a caller may have left on
+    return lambda texts: [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
 
 
 def _adds_bos(tokenizer) -> bool:
@@ -122,9 +135,7 @@ def encode(examples: list[Example], spec: FormatSpec, source: Source, tokenizer,
         except BadRow as bad:
             problems.append(Problem(source.name, ex.row, bad.field, bad.reason, bad.message, source.row_word))
 
-    # One batched call per column: the Rust tokenizer is much faster on batches.
-    def batch(texts: list[str]) -> list[list[int]]:
-        return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    batch = _batch_encoder(tokenizer)
 
     prompt_ids = batch([p for p, _ in rendered])
     completion_ids = [batch([c[i] for _, c in rendered]) for i in range(len(spec.completions))]
