@@ -90,7 +90,13 @@ def progress_bar(console, description: str) -> Iterator[OnPart]:
 
 
 def num_proc(cfg: RunConfig) -> int:
-    return cfg.data.num_proc or os.cpu_count() or 1
+    """data.num_proc, else the CPUs this process may run on (a container's or job's share, not the host's)."""
+    if cfg.data.num_proc:
+        return cfg.data.num_proc
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 def parts_dir_for(cfg: RunConfig, plan: SourcePlan, tokenizer, out_dir: Path) -> Path | None:

@@ -11,6 +11,7 @@ import pytest
 
 from prefopt.config import RunConfig
 from prefopt.data import DataError, prepare
+from prefopt.data import parts as parts_module
 from prefopt.data.fingerprint import fingerprint, fingerprint_tables
 from prefopt.data.parts import _jsonl_parts
 from prefopt.data.prepare import check, prepare_parts
@@ -74,7 +75,9 @@ def test_fingerprint_is_the_same_however_the_table_is_cut():
     assert fingerprint_tables(lambda: [changed.slice(0, 30), changed.slice(30)], **kw) != whole
 
 
-def test_jsonl_parts_count_lines_as_splitlines_does(tmp_path):
+@pytest.mark.parametrize("scan_bytes", [16 << 20, 61, 64])  # small: lines (and \r\n) cut between scans
+def test_jsonl_parts_count_lines_as_splitlines_does(tmp_path, monkeypatch, scan_bytes):
+    monkeypatch.setattr(parts_module, "_SCAN_BYTES", scan_bytes)
     path = messy_jsonl(tmp_path / "m.jsonl")
     data = path.read_bytes()
     for part_rows in (1, 4, 7, 50, 10_000):
