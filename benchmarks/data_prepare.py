@@ -11,7 +11,8 @@ that its peak is its own. Three ways for each size:
   baseline the parallel rate is compared with (one core's work);
 - one process, tokenizer threads on: data.num_proc=1 with the Rust tokenizer's own thread pool
   (what `TOKENIZERS_PARALLELISM` unset gives: only the batch encode runs on every core);
-- all CPUs: data.num_proc unset (one process per CPU).
+- all CPUs: data.num_proc = the CPUs available (one process each; with data.num_proc null a
+  preparation of fewer than 16 parts stays in the calling process, as the second way).
 
 Peak memory: the driver's (VmHWM of the process that calls prepare), the largest of the
 worker processes' (sampled as parts complete), and a rank's: a fresh process that opens the
@@ -50,9 +51,8 @@ DRIVER = textwrap.dedent("""
         from prefopt.data import prepare
 
         path, model_dir, out_dir, num_proc = sys.argv[1:5]
-        data = {"path": path, "max_length": 128, "max_prompt_length": 48}
-        if num_proc != "all":
-            data["num_proc"] = int(num_proc)
+        data = {"path": path, "max_length": 160, "max_prompt_length": 64, "on_bad_row": "skip"}
+        data["num_proc"] = int(num_proc)
         cfg = RunConfig.model_validate({"data": data})
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         me, workers = psutil.Process(), [0]
@@ -129,6 +129,7 @@ def main() -> None:
     import transformers
 
     from prefopt.config import TinyModelConfig
+    from prefopt.data.parts import available_cpus
     from prefopt.models import save_tiny
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="prefopt-data-bench-"))
@@ -138,7 +139,7 @@ def main() -> None:
           f"transformers {transformers.__version__}, tokenizers {tokenizers.__version__}")
     ways = [("1 process, tokenizer threads off", "1", {"TOKENIZERS_PARALLELISM": "false"}),
             ("1 process, tokenizer threads on", "1", {"TOKENIZERS_PARALLELISM": "true"}),
-            (f"all CPUs ({os.cpu_count()} processes)", "all", {})]
+            (f"all CPUs ({available_cpus()} processes)", str(available_cpus()), {})]
     header = f"{'rows':>9} | {'way':<34} | {'s':>7} | {'rows/s':>7} | {'x 1 proc':>8} | {'driver MB':>9} | " \
              f"{'worker MB':>9} | {'rank MB':>7}"
     print(header)

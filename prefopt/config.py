@@ -94,7 +94,8 @@ class DataConfig(Section):
         10_000, ge=1, description="rows prepared together: memory is a few parts', whatever the corpus "
         "size (docs/data.md, 'Large corpora')")
     num_proc: int | None = Field(
-        None, ge=1, description="processes that prepare parts; null: one per CPU of this machine")
+        None, ge=1, description="processes that prepare parts; null: one per CPU this "
+        "process may use when 16 parts or more are to be prepared, else the calling process alone")
 
     @model_validator(mode="after")
     def _one_source(self) -> DataConfig:

@@ -44,6 +44,10 @@ from prefopt.data.formats import COLUMNS, FormatSpec, resolve_format
 from prefopt.data.sources import Source, from_table, parse_json, read_source, refuse_utf16
 
 _SCAN_BYTES = 16 << 20  # a JSONL file is scanned for line ends this much at a time
+# data.num_proc null: below this many parts to prepare, the calling process does them (its
+# tokenizer's threads on every core) rather than start worker processes, whose start-up
+# (2-3 s: torch, transformers, the tokenizer) costs about three parts (benchmarks/data_prepare.py).
+PARTS_WORTH_PROCESSES = 16
 _STREAMED = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
 
 
@@ -341,12 +345,21 @@ def _run_in_worker(ref: PartRef, payload) -> PartResult:
     return _run_one(ref, payload, _worker["settings"], _worker["tokenizer"], _worker["parts_dir"])
 
 
-def run_parts(plan: SourcePlan, tokenizer, *, parts_dir: Path | None, num_proc: int,
+def available_cpus() -> int:
+    """The CPUs this process may run on (a container's or job's share, not the host's)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def run_parts(plan: SourcePlan, tokenizer, *, parts_dir: Path | None, num_proc: int | None,
               progress: Callable[[int, int], None] | None = None) -> tuple[list[PartResult], int]:
     """Every part's result in plan order, and how many were found done in parts_dir.
 
     parts_dir None: tables are kept in memory (small sources: evaluation prompts, tests).
-    num_proc > 1 prepares parts in that many processes, with at most two parts each in flight.
+    num_proc > 1 prepares parts in that many processes, with at most two parts each in flight;
+    None: one per available CPU when there are PARTS_WORTH_PROCESSES parts to do, else none.
     """
     progress = progress or (lambda done, total: None)
     results: dict[int, PartResult] = {}
@@ -358,6 +371,8 @@ def run_parts(plan: SourcePlan, tokenizer, *, parts_dir: Path | None, num_proc: 
     total = len(plan.parts)
     progress(reused, total)
     todo = [ref for ref in plan.parts if ref.index not in results]
+    if num_proc is None:
+        num_proc = available_cpus() if len(todo) >= PARTS_WORTH_PROCESSES else 1
     payloads = plan.payloads(todo)
     if num_proc <= 1 or len(todo) <= 1:
         for ref, payload in payloads:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -89,16 +88,6 @@ def progress_bar(console, description: str) -> Iterator[OnPart]:
         yield lambda done, total: bar.update(task, completed=done, total=total)
 
 
-def num_proc(cfg: RunConfig) -> int:
-    """data.num_proc, else the CPUs this process may run on (a container's or job's share, not the host's)."""
-    if cfg.data.num_proc:
-        return cfg.data.num_proc
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
 def parts_dir_for(cfg: RunConfig, plan: SourcePlan, tokenizer, out_dir: Path) -> Path | None:
     """Where a file's parts are kept, named by the file and every setting; None for sources read whole."""
     if plan.identity is None:
@@ -115,7 +104,7 @@ def prepare_parts(cfg: RunConfig, tokenizer, out_dir: Path | None = None, progre
     for whole-source problems. With out_dir, parts go to disk (and are reused from there)."""
     plan = plan or plan_source(cfg.data, cfg.data.part_rows)
     parts_dir = parts_dir_for(cfg, plan, tokenizer, Path(out_dir)) if out_dir is not None else None
-    results, reused = run_parts(plan, tokenizer, parts_dir=parts_dir, num_proc=num_proc(cfg), progress=progress)
+    results, reused = run_parts(plan, tokenizer, parts_dir=parts_dir, num_proc=cfg.data.num_proc, progress=progress)
     problems = [p for r in results for p in r.problems]
     truncated: dict[str, int] = {}
     for r in results:

@@ -76,15 +76,16 @@ class TokenizedData:
 
         Unpaired rows also carry "kl_completion_ids": the completion of row (index + 1) mod N.
         """
-        taken = self.table.take(pa.array(indices, type=pa.int64())).to_pylist()
+        # Row by row: take() on a table of several record batches (one per prepared part) joins
+        # each column first, touching the whole corpus; a slice reads only the row's own pages.
+        taken = [self.table.slice(int(i), 1).to_pylist()[0] for i in indices]
         for index, row in zip(indices, taken, strict=True):
             row["index"] = int(index)
         if self.kind == "unpaired":
             # KTO's mismatched partner: the next row's completion, fixed per example (cacheable).
-            partners = [(int(i) + 1) % self.num_rows for i in indices]
-            column = self.table["completion_ids"].take(pa.array(partners, type=pa.int64())).to_pylist()
-            for row, kl_completion in zip(taken, column, strict=True):
-                row["kl_completion_ids"] = kl_completion
+            column = self.table["completion_ids"]
+            for index, row in zip(indices, taken, strict=True):
+                row["kl_completion_ids"] = column.slice((int(index) + 1) % self.num_rows, 1).to_pylist()[0]
         return taken
 
     @classmethod
