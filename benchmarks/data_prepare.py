@@ -17,7 +17,10 @@ that its peak is its own. Three ways for each size:
 Peak memory: the driver's (VmHWM of the process that calls prepare), the largest of the
 worker processes' (sampled as parts complete), and a rank's: a fresh process that opens the
 tokenized data from its path and collates 200 random micro-batches of 8, as a training rank
-does. Rates are rows of the file per second of the whole `prepare` call (start-up of worker
+does. A rank's memory is given in two columns: "rank MB" is its own (anonymous) memory, the
+peak of RssAnon; "rank file MB" is the pages of the memory-mapped data file it has mapped
+(RssFile at the end). Those are the kernel's page cache: shared by every rank of a host, dropped
+under memory pressure, and more than the rows read (each fault maps the cached pages around it). Rates are rows of the file per second of the whole `prepare` call (start-up of worker
 processes, fingerprint and the final write included). Only ratios within one run count.
 """
 
@@ -80,13 +83,19 @@ RANK = textwrap.dedent("""
     import json, random, sys
     from prefopt.data import TokenizedData, collate
 
+    def status():
+        return {k: int(l.split()[1]) / 1024 for l in open("/proc/self/status")
+                for k in ("VmHWM", "RssAnon", "RssFile") if l.startswith(k + ":")}
+
     td = TokenizedData.open(sys.argv[1])
     rnd = random.Random(0)
+    private = 0
     for _ in range(200):
         rows = td.rows(sorted(rnd.sample(range(td.num_rows), 8)))
         collate(rows, pad_token_id=td.pad_token_id, packing=True, max_length=td.max_length)
-    line = next(l for l in open("/proc/self/status") if l.startswith("VmHWM"))
-    print(json.dumps({"rank_mb": int(line.split()[1]) / 1024}))
+        private = max(private, status()["RssAnon"])
+    end = status()
+    print(json.dumps({"rank_mb": private, "rank_file_mb": end["RssFile"], "rank_hwm_mb": end["VmHWM"]}))
 """)
 
 
@@ -141,7 +150,7 @@ def main() -> None:
             ("1 process, tokenizer threads on", "1", {"TOKENIZERS_PARALLELISM": "true"}),
             (f"all CPUs ({available_cpus()} processes)", str(available_cpus()), {})]
     header = f"{'rows':>9} | {'way':<34} | {'s':>7} | {'rows/s':>7} | {'x 1 proc':>8} | {'driver MB':>9} | " \
-             f"{'worker MB':>9} | {'rank MB':>7}"
+             f"{'worker MB':>9} | {'rank MB':>7} | {'rank file MB':>12}"
     print(header)
     print("-" * len(header))
     for n in args.sizes:
@@ -157,7 +166,8 @@ def main() -> None:
             base = base or rate
             fingerprints.add(result["fingerprint"])
             print(f"{n:>9} | {name:<34} | {result['seconds']:>7.1f} | {rate:>7.0f} | {rate / base:>8.2f} | "
-                  f"{result['driver_mb']:>9.0f} | {result['worker_mb']:>9.0f} | {rank['rank_mb']:>7.0f}", flush=True)
+                  f"{result['driver_mb']:>9.0f} | {result['worker_mb']:>9.0f} | {rank['rank_mb']:>7.0f} | "
+                  f"{rank['rank_file_mb']:>12.0f}", flush=True)
             subprocess.run(["rm", "-rf", str(out)], check=True)
         print(f"{n:>9} | corpus {corpus.stat().st_size / 2**20:.0f} MiB, "
               f"{corpus.stat().st_size / n:.0f} bytes a row; fingerprints equal: {len(fingerprints) == 1}")
