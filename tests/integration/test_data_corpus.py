@@ -7,11 +7,11 @@ import sys
 import textwrap
 
 import pytest
+from data_files import messy_jsonl
 
 from prefopt.config import RunConfig
 from prefopt.data import DataError, prepare
 from prefopt.data.prepare import prepare_parts
-from tests.unit.test_data_parts import messy_jsonl
 
 KILL_AT = 40  # parts done when the first preparation kills itself
 
