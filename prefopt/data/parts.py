@@ -27,11 +27,10 @@ import codecs
 import hashlib
 import json
 import os
-import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -42,6 +41,7 @@ from prefopt.config import DataConfig
 from prefopt.data.errors import DataError, Problem
 from prefopt.data.formats import COLUMNS, FormatSpec, resolve_format
 from prefopt.data.sources import Source, from_table, parse_json, read_source, refuse_utf16
+from prefopt.storage import Store
 
 _SCAN_BYTES = 16 << 20  # a JSONL file is scanned for line ends this much at a time
 # data.num_proc null: below this many parts to prepare, the calling process does them (its
@@ -111,7 +111,7 @@ class SourcePlan:
                     yield ref, table
         else:
             for ref in refs:
-                yield ref, _rows_part(self.source, self.parts, ref)
+                yield ref, _rows_part(self.source, ref)
 
 
 def plan_source(cfg: DataConfig, part_rows: int) -> SourcePlan:
@@ -221,7 +221,7 @@ def _parquet_parts(path: Path, parts: list[PartRef]) -> Iterator[tuple[PartRef, 
         buffered, have = rest.to_batches(), rest.num_rows
 
 
-def _rows_part(source: Source, parts: list[PartRef], ref: PartRef) -> Source:
+def _rows_part(source: Source, ref: PartRef) -> Source:
     """Rows [start, stop) of a source read whole, with the problems of the lines between them."""
     rows = source.rows[ref.start:ref.stop]
     low = rows[0][0] if ref.index > 0 and rows else 0
@@ -271,38 +271,19 @@ def _refuse_new_columns(source: Source, settings: Settings) -> None:
 # ------------------------------------------------------------------------------ on disk
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def save_part(parts_dir: Path, ref: PartRef, result: PartResult) -> PartResult:
-    """Write a part's table and then its report; -> the result without its table."""
-    parts_dir.mkdir(parents=True, exist_ok=True)
-    arrow = parts_dir / f"{ref.name}.arrow"
-
-    def write_table(tmp: Path) -> None:
-        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, result.table.schema) as writer:
-            writer.write_table(result.table)
-
-    _write_atomically(arrow, write_table)
+    """Write a part's table and then its report, each atomically (Store.write_bytes); -> the
+    result without its table. The hash is of the bytes written, so the file is not read back."""
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_file(sink, result.table.schema) as writer:
+        writer.write_table(result.table)
+    arrow = sink.getvalue()
+    Store.at(parts_dir / f"{ref.name}.arrow").write_bytes(arrow)
     report = {"index": ref.index, "start": ref.start, "stop": ref.stop, "num_rows": result.num_rows,
               "rows_read": result.rows_read, "truncated": result.truncated,
-              "problems": [asdict(p) for p in result.problems], "arrow_sha256": _sha256_file(arrow)}
-    _write_atomically(parts_dir / f"{ref.name}.json", lambda tmp: tmp.write_text(json.dumps(report)))
-    return PartResult(result.index, result.num_rows, result.rows_read, result.problems, result.truncated)
+              "problems": [asdict(p) for p in result.problems], "arrow_sha256": hashlib.sha256(arrow).hexdigest()}
+    Store.at(parts_dir / f"{ref.name}.json").write_text(json.dumps(report))
+    return replace(result, table=None)
 
 
 def load_part(parts_dir: Path, ref: PartRef) -> PartResult | None:
@@ -311,7 +292,7 @@ def load_part(parts_dir: Path, ref: PartRef) -> PartResult | None:
         report = json.loads((parts_dir / f"{ref.name}.json").read_text())
         held = (report["index"], report["start"], report["stop"])
         if held != (ref.index, ref.start, ref.stop) or \
-                _sha256_file(parts_dir / f"{ref.name}.arrow") != report["arrow_sha256"]:
+                Store.at(parts_dir / f"{ref.name}.arrow").sha256() != report["arrow_sha256"]:
             return None
         return PartResult(ref.index, report["num_rows"], report["rows_read"],
                           [Problem(**p) for p in report["problems"]], report["truncated"])

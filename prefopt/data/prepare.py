@@ -23,6 +23,7 @@ import hashlib
 import json
 import logging
 import shutil
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -36,7 +37,7 @@ from prefopt.data.fingerprint import PIPELINE_VERSION, fingerprint_tables, token
 from prefopt.data.formats import FormatSpec
 from prefopt.data.parts import PartResult, SourcePlan, load_table, plan_source, run_parts
 from prefopt.data.report import DataReport
-from prefopt.data.store import TokenizedData, to_table, write_batches
+from prefopt.data.store import TokenizedData, write_batches
 from prefopt.data.tokenize import pad_token_id
 
 log = logging.getLogger("prefopt.data")
@@ -106,10 +107,9 @@ def prepare_parts(cfg: RunConfig, tokenizer, out_dir: Path | None = None, progre
     parts_dir = parts_dir_for(cfg, plan, tokenizer, Path(out_dir)) if out_dir is not None else None
     results, reused = run_parts(plan, tokenizer, parts_dir=parts_dir, num_proc=cfg.data.num_proc, progress=progress)
     problems = [p for r in results for p in r.problems]
-    truncated: dict[str, int] = {}
+    truncated: Counter = Counter()
     for r in results:
-        for name, n in r.truncated.items():
-            truncated[name] = truncated.get(name, 0) + n
+        truncated.update(r.truncated)
     report = DataReport.build(plan.settings.name, plan.settings.spec.name, sum(r.rows_read for r in results),
                               sum(r.num_rows for r in results), problems, truncated)
     if reused:
@@ -120,7 +120,7 @@ def prepare_parts(cfg: RunConfig, tokenizer, out_dir: Path | None = None, progre
 def check(cfg: RunConfig, tokenizer) -> Checked:
     """Run every check and tokenize in memory (small sources: prompts, tests); see prepare_parts."""
     prepared = prepare_parts(cfg, tokenizer)
-    table = pa.concat_tables(list(prepared.tables())) if prepared.results else to_table({})
+    table = pa.concat_tables(list(prepared.tables()))  # a plan has one part at least
     return Checked(prepared.spec, table, prepared.report)
 
 
