@@ -113,9 +113,15 @@ def loss_needs_reference(cfg: RunConfig) -> bool:
     return cfg.ref.mode != "none" and needs_reference(cfg.loss_name, **cfg.algorithm.loss_params())
 
 
+def separate_reference(cfg: RunConfig) -> bool:
+    """Whether the reference, when a run needs one, has ranks of its own: not with ref.mode
+    adapters_off, where it is the policy's LoRA base model on the policy's ranks."""
+    return cfg.ref.mode != "adapters_off"
+
+
 def _offline_roles(cfg: RunConfig) -> list[Role]:
     # Evaluation on a task samples the reference too (its reward and the KL's other side).
-    reference = loss_needs_reference(cfg) or cfg.data.task is not None
+    reference = separate_reference(cfg) and (loss_needs_reference(cfg) or cfg.data.task is not None)
     return [Role("policy", "prefopt.workers.policy:PolicyWorker", trains=True)] + ([REFERENCE] if reference else [])
 
 
@@ -147,7 +153,8 @@ REWARD_MODEL = AlgorithmSpec(
 
 
 def _ppo_roles(cfg: RunConfig) -> list[Role]:
-    roles = [Role("policy", "prefopt.workers.ppo:PPOPolicyWorker", trains=True), REFERENCE]
+    roles = [Role("policy", "prefopt.workers.ppo:PPOPolicyWorker", trains=True)]
+    roles += [REFERENCE] if separate_reference(cfg) else []
     if cfg.ppo.advantage == "gae":
         roles.append(Role("critic", "prefopt.workers.ppo:CriticWorker", head="scalar", trains=True))
     if cfg.reward.source == "model":

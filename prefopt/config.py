@@ -49,12 +49,40 @@ class TinyModelConfig(Section):
         return self
 
 
+# LoRA's default targets: every linear layer of a Llama-like decoder block (attention and MLP).
+LLAMA_LINEAR_LAYERS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class LoraConfig(Section):
+    """Train low-rank adapters (peft's LoRA) instead of every weight; the base weights stay frozen
+    and are the reference with the adapters switched off (docs/lora.md)."""
+
+    rank: int = Field(16, ge=1, description="r: the adapters' inner dimension")
+    alpha: float = Field(32, gt=0, description="the update is scaled by alpha / rank")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapters' input")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        list(LLAMA_LINEAR_LAYERS), description="module names (suffixes) that get adapters; 'all-linear': "
+        "every linear layer but the output layer (peft)")
+    train_fully: list[str] = Field(
+        default_factory=list, description="modules trained in full beside the adapters (a scalar head, "
+        "'score', always is)")
+    merge_on_export: bool = Field(
+        False, description="export also output_dir/model as a plain model with the adapters merged in")
+
+    @model_validator(mode="after")
+    def _some_targets(self) -> LoraConfig:
+        if not self.target_modules:
+            raise ValueError("target_modules: name at least one module (or 'all-linear')")
+        return self
+
+
 class ModelConfig(Section):
     path: str | None = Field(
         None, description="Hugging Face model directory (a local path or s3://, gs://); null builds the tiny model below"
     )
     tiny: TinyModelConfig = TinyModelConfig()
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    lora: LoraConfig | None = Field(None, description="set: the trained roles train LoRA adapters (docs/lora.md)")
 
 
 class DataConfig(Section):
@@ -202,8 +230,9 @@ class RefConfig(RoleConfig):
     offload_param: a reference larger than the GPU beside the policy)."""
 
     model_path: str | None = Field(None, description="Hugging Face model dir; null: the policy's starting model")
-    mode: Literal["cache", "live", "none"] = Field(
-        "cache", description="cache: precompute once and reuse; live: per batch; none: ref-free"
+    mode: Literal["cache", "live", "adapters_off", "none"] = Field(
+        "cache", description="cache: precompute once and reuse; live: per batch; adapters_off (LoRA): "
+        "the policy's own ranks with the adapters switched off, no second copy; none: ref-free"
     )
     cache_dir: str | None = Field(None, description="local path or s3://, gs://; default under output_dir")
     cpus_per_worker: float | None = Field(None, gt=0, description="null: as policy.cpus_per_worker")
@@ -534,6 +563,12 @@ class RunConfig(Section):
         elif self.ref.mode == "none" and needs_reference(name, **params):
             raise ValueError(f"algorithm.name={name} needs a reference model, but ref.mode is none "
                              "(use ref.mode: cache or live, or a reference-free loss: simpo, cpo, orpo, sft)")
+        if self.ref.mode == "adapters_off" and self.model.lora is None:
+            raise ValueError("ref.mode: adapters_off computes the reference as the policy with its LoRA adapters "
+                             "switched off; set model.lora (e.g. --set model.lora.rank=16) or use ref.mode: cache")
+        if self.ref.mode == "adapters_off" and self.ref.model_path is not None:
+            raise ValueError(f"ref.mode: adapters_off makes the policy's base model the reference; ref.model_path "
+                             f"({self.ref.model_path}) needs its own ranks: use ref.mode: cache or live")
         if self.ref.mode == "live" and self.ref.deepspeed.zero_stage == 3 and self.ref.num_workers > 1:
             raise ValueError("ref.mode=live with ref.deepspeed.zero_stage 3 on several ranks: each policy rank "
                              "asks one reference rank alone, but ZeRO-3 ranks must compute together; "
@@ -550,8 +585,8 @@ class RunConfig(Section):
             known = "" if loss in LOSSES else " (not a loss)"
             raise ValueError(f"{key}.loss: {loss}{known}; use one of {', '.join(allowed)}")
         resolve_params(loss, **self.algorithm.loss_params())
-        if self.ref.mode == "live":
-            raise ValueError(f"ref.mode: live with algorithm.name={self.algorithm.name}: each round's reference "
+        if self.ref.mode in ("live", "adapters_off"):
+            raise ValueError(f"ref.mode: {self.ref.mode} with algorithm.name={self.algorithm.name}: each round's reference "
                              "log-probs go through the cache; use ref.mode: cache")
         if key == "rest" and any(b <= a for a, b in zip(self.rest.thresholds, self.rest.thresholds[1:], strict=False)):
             raise ValueError(f"rest.thresholds: {self.rest.thresholds} must rise from one Improve step to the next")
@@ -643,7 +678,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 def _set_dotted(tree: dict, path: list[str], value: Any, *, source: str) -> None:
     node = tree
     for i, part in enumerate(path[:-1]):
-        child = node.setdefault(part, {})
+        if node.get(part) is None:  # unset, or an optional section left null (model.lora)
+            node[part] = {}
+        child = node[part]
         if not isinstance(child, dict):
             dotted = ".".join(path[: i + 1])
             raise ConfigError(f"{source}: {dotted} is a value, not a section; cannot set {'.'.join(path)}")

@@ -26,23 +26,26 @@ def train(cfg: RunConfig, console, *, resume: bool | None = None) -> TrainResult
     with Session.open(cfg, console, resume=resume) as s:
         check_loss_fits_data(cfg, s.inputs.data, console)
         # The reference answers the loss (a cache filled once, or live per micro-batch) and the
-        # evaluation's KL; it never lives on a policy rank, and starts only when someone needs it.
+        # evaluation's KL; it never lives on a policy rank (but as LoRA's base model: ref.mode
+        # adapters_off), and starts only when someone needs it.
         t0 = time.perf_counter()
         ref_cache, tags = None, {}
-        if loss_needs_reference(cfg) and cfg.ref.mode == "cache":
+        needs_reference = loss_needs_reference(cfg)
+        if needs_reference and cfg.ref.mode == "cache":
             ref_cache = fill_reference_cache(cfg, s.inputs, console, s.start_reference)
             tags[TAG_REFCACHE_FINGERPRINT] = ref_cache.fingerprint
             if cfg.data.task is None:  # its job is done: free its devices
                 s.stop("reference")
-        elif loss_needs_reference(cfg):
+        elif needs_reference and cfg.ref.mode == "live":
             s.start_reference()
         s.timings["reference_seconds"] = time.perf_counter() - t0
-        evaluator = s.evaluator()
 
         with s.tracking(tags):
-            live = s.groups["reference"].actors if cfg.ref.mode == "live" and loss_needs_reference(cfg) else None
+            live = s.groups["reference"].actors if cfg.ref.mode == "live" and needs_reference else None
             policy = s.start("policy", "setup", s.inputs.rank_model_dir(), s.inputs.rank_data_path(),
-                             ref_cache=ref_cache, ref_actors=live)
+                             ref_cache=ref_cache, ref_actors=live,
+                             base_reference=needs_reference and cfg.ref.mode == "adapters_off")
+            evaluator = s.evaluator()  # after the policy: with adapters_off, the reference is its ranks
             metrics = s.train(stages.steps_on(policy), s.saver("policy"), s.evaluation(evaluator, policy))
             return s.finish(policy, metrics)
 

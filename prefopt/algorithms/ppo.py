@@ -261,9 +261,9 @@ def train(cfg: RunConfig, console, *, resume: bool | None = None) -> TrainResult
         prompt_texts = s.inputs.data.table["prompt"].to_pylist()
         prompt_ids = s.inputs.data.table["prompt_ids"].to_pylist()
         eos = s.inputs.tokenizer.eos_token_id
-        reference = s.start_reference()
+        if cfg.ref.mode != "adapters_off":
+            s.start_reference()
         scorer = s.own(start_scorer(cfg, console))  # the task's truth here, or a reward model on its ranks
-        evaluator = s.evaluator()
         kl = kl_controller(p.kl_coef, p.kl_target, p.kl_horizon)
         if s.run.checkpoint is not None:
             kl.load_state_dict(s.run.checkpoint[1]["kl_controller"])
@@ -275,6 +275,9 @@ def train(cfg: RunConfig, console, *, resume: bool | None = None) -> TrainResult
             if p.advantage == "gae":
                 critic = s.start("critic", "setup", cfg.critic.model_path or s.inputs.rank_model_dir(),
                                  schedule=critic_schedule)
+            # After the policy: with ref.mode adapters_off (LoRA) the reference is its ranks, adapters off.
+            reference = s.start_reference()
+            evaluator = s.evaluator()
 
             def iteration(step: int) -> dict[str, float]:
                 """PPO iteration `step` (0-based): rollouts, scores, advantages, the update."""

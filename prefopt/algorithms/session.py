@@ -98,7 +98,10 @@ class Session:
                            f"{infos[0]['param_bytes'] / 2**20:.2f} MiB of parameters on rank 0")
 
     def start_reference(self):
-        """The reference role, holding the data (started once; later calls give the same group)."""
+        """The reference role, holding the data (started once; later calls give the same group).
+        With ref.mode adapters_off (LoRA), the started policy's ranks with the adapters off."""
+        if self.cfg.ref.mode == "adapters_off":
+            return AdaptersOff(self.groups["policy"])
         if "reference" not in self.groups:
             self.start("reference", "setup", self.inputs.rank_reference_dir(self.cfg), self.inputs.rank_data_path())
         return self.groups["reference"]
@@ -175,12 +178,31 @@ class Session:
 
     def finish(self, group, metrics: dict[str, float], name: str = "policy") -> TrainResult:
         """The end of every training: the trained model exported, logged to MLflow, its group shut down."""
-        model_dir = stages.export(group, self.run, self.console)
+        lora = self.cfg.model.lora
+        # A scalar head (a reward model) is read as a plain directory (reward.model_path): merged always.
+        merge = lora is not None and (lora.merge_on_export or self.spec.role(self.cfg, name).head == "scalar")
+        model_dir = stages.export(group, self.run, self.console, lora, merge)
         self.stop(name)
         with self.console.status("logging the model to MLflow"):
-            self.tracker.log_model_dir(model_dir)
+            # A LoRA run logs its adapter (megabytes), never a merged copy of the base model.
+            self.tracker.log_model_dir(model_dir if lora is None else (self.run.store / stages.ADAPTER_DIR).uri)
         return TrainResult(self.run.output_dir, model_dir, metrics, self.cfg.train.max_steps, self.tracker.run_id,
                            self.timings, [info["param_bytes"] for info in self.infos[name]])
+
+
+class AdaptersOff:
+    """The policy's group seen as the reference (ref.mode adapters_off): the same ranks, each call
+    made with the LoRA adapters switched off. Offers what evaluation and PPO ask a reference for:
+    `split` and `split_async` of generate and score."""
+
+    def __init__(self, policy):
+        self.policy = policy
+
+    def split(self, method: str, items: list, *args, **kwargs) -> list:
+        return self.policy.split(method, items, *args, adapters=False, **kwargs)
+
+    def split_async(self, method: str, items: list, *args, **kwargs):
+        return self.policy.split_async(method, items, *args, adapters=False, **kwargs)
 
 
 def log_evaluation(evaluator, policy, step: int, tracker, console) -> dict[str, float]:

@@ -395,11 +395,24 @@ def combine_ranks(per_rank: list[dict[str, float]]) -> dict[str, float]:
     return out
 
 
-def export(group, run: Run, console) -> str:
-    """The policy as a plain Hugging Face directory, output_dir/model. -> its path or URI."""
+def export(group, run: Run, console, lora=None, merge: bool = False) -> str:
+    """The policy as a plain Hugging Face directory, output_dir/model. -> its path or URI.
+
+    With LoRA (model.lora): peft's adapter directory, output_dir/adapter, and with merge the
+    merged model at output_dir/model; -> the merged one if written."""
     export_dir = run.store / "model"
-    with console.status("exporting the policy"):
-        group.call("export", export_dir.uri)
+    if lora is None:
+        with console.status("exporting the policy"):
+            group.call("export", export_dir.uri)
+    else:
+        adapter_dir = run.store / ADAPTER_DIR
+        merged = export_dir.uri if merge else None
+        with console.status("exporting the adapter" + (" and the merged model" if merged else "")):
+            group.call("export", adapter_dir.uri, merged)
+        export_dir = export_dir if merged else adapter_dir
     run.sync_log()
     console.print(f"exported policy to [bold]{export_dir}[/]")
     return export_dir.uri
+
+
+ADAPTER_DIR = "adapter"  # output_dir/adapter: a LoRA run's adapters, loadable with peft

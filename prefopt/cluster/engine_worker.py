@@ -53,6 +53,16 @@ def param_bytes(module: torch.nn.Module) -> int:
     return total
 
 
+def trainable_param_bytes(module: torch.nn.Module) -> int:
+    """Bytes of this rank's share of the parameters the optimizer steps (all of them, or LoRA's adapters)."""
+    total = 0
+    for p in module.parameters():
+        if p.requires_grad:
+            local = getattr(p, "ds_tensor", p)
+            total += local.numel() * local.element_size()
+    return total
+
+
 def has_scalar_head(model_dir: str) -> bool:
     """Whether the directory holds a trained ...ForSequenceClassification (a reward model)."""
     import json
@@ -160,10 +170,17 @@ class EngineWorker:
         self._hf_ds_config = HfDeepSpeedConfig(ds_config) if self.zero_stage == 3 else None
         model = load_model(model_dir, head, DTYPES[cfg.model.dtype])
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.head = head
+        self.head, self.model_dir = head, model_dir
+        # A trained role trains LoRA adapters when model.lora is set; a frozen one stays the base model.
+        self.lora = cfg.model.lora if train else None
+        if self.lora is not None:
+            from prefopt.models.lora import add_adapters
+
+            model = add_adapters(model, self.lora, head)
         if train:
-            optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=t.adam_betas,
-                                          weight_decay=t.weight_decay)
+            # Only what trains: with LoRA the frozen base has no gradients and no optimizer state.
+            trained = [p for p in model.parameters() if p.requires_grad]
+            optimizer = torch.optim.AdamW(trained, lr=t.lr, betas=t.adam_betas, weight_decay=t.weight_decay)
             scheduler = torch.optim.lr_scheduler.LambdaLR(
                 optimizer, lr_lambda(t.lr_schedule, t.warmup_steps, t.max_steps))
             self.engine, _, _, self.scheduler = deepspeed.initialize(
@@ -174,14 +191,22 @@ class EngineWorker:
         else:
             # A frozen copy per rank needs no engine: nothing to partition or optimise.
             self.engine = model.requires_grad_(False).to(accelerator_device())
-        self.model = getattr(self.engine, "module", self.engine)  # the Hugging Face model
+        self.model = getattr(self.engine, "module", self.engine)  # the Hugging Face model (peft's, with LoRA)
         self.model.train(train)
-        return {"rank": self.rank, "param_bytes": param_bytes(self.model), "zero_stage": self.zero_stage}
+        return {"rank": self.rank, "param_bytes": param_bytes(self.model), "zero_stage": self.zero_stage,
+                "trainable_param_bytes": trainable_param_bytes(self.model)}
+
+    def _adapters(self, on: bool):
+        """on: the model as trained; off: its base model (LoRA's reference). A model without adapters is its base."""
+        from prefopt.models.lora import adapters_off
+
+        return nullcontext() if on else adapters_off(self.model)
 
     # ------------------------------------------------------------------ generation and scoring
 
-    def generate(self, prompts: list[list[int]], sampling: dict, seed: int) -> list[dict]:
+    def generate(self, prompts: list[list[int]], sampling: dict, seed: int, adapters: bool = True) -> list[dict]:
         """Sample a completion for each prompt (token ids): [{completion_ids, logprobs, text}].
+        adapters=False: the base model's samples (LoRA's reference on the policy's ranks).
 
         Under ZeRO-3 the parameters are gathered once for the whole call (and the per-module
         gather hooks lifted), not once per token; all ranks of the group must call together.
@@ -193,7 +218,7 @@ class EngineWorker:
         self.model.eval()
         try:
             devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-            with self._gathered_for_generation(), torch.random.fork_rng(devices=devices):
+            with self._gathered_for_generation(), torch.random.fork_rng(devices=devices), self._adapters(adapters):
                 torch.manual_seed(seed * 1_000_003 + self.rank)
                 return generate(self.model, self.tokenizer, prompts, **sampling)
         finally:
@@ -209,52 +234,63 @@ class EngineWorker:
     def last_token_scalar(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """A scalar head's output at each row's last real token of a right-padded batch
         (prefopt.data.collate.pad): the reward of a reward model. [N] fp32; keeps the graph."""
-        hidden = self.model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                       position_ids=batch["position_ids"], use_cache=False).last_hidden_state
+        model = self._transformers_model()
+        hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                  position_ids=batch["position_ids"], use_cache=False).last_hidden_state
         last = batch["attention_mask"].sum(-1) - 1  # right padding: each row's last real token
         rows = torch.arange(hidden.shape[0], device=hidden.device)
-        return self.model.score(hidden[rows, last]).squeeze(-1).float()
+        return model.score(hidden[rows, last]).squeeze(-1).float()
+
+    def _transformers_model(self):
+        from prefopt.models.lora import transformers_model
+
+        return transformers_model(self.model)
 
     def completion_values(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """A scalar head's output at the K positions that predict a completion token (the value of
         the state before each token), [K] fp32 in mask order; keeps the graph (PPO's critic)."""
-        hidden = self.model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                       position_ids=batch["position_ids"], use_cache=False).last_hidden_state
-        return self.model.score(hidden[batch["loss_mask"]]).squeeze(-1).float()
+        model = self._transformers_model()
+        hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                  position_ids=batch["position_ids"], use_cache=False).last_hidden_state
+        return model.score(hidden[batch["loss_mask"]]).squeeze(-1).float()
 
     @torch.no_grad()
-    def score(self, samples: list[dict]) -> list[list[float]]:
+    def score(self, samples: list[dict], adapters: bool = True) -> list[list[float]]:
         """Per-token scores of given completions: samples [{prompt_ids, completion_ids}] -> for
         each, one fp32 number per completion token. A causal LM gives the log-prob of each token
         (KL estimates, PPO's ratios); a scalar head gives the value of the state before each
-        token (a critic; a reward model reads the last one)."""
+        token (a critic; a reward model reads the last one). adapters=False: the base model's."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with self._adapters(adapters):
+                return self._score(samples)
+        finally:
+            self.model.train(was_training)
+
+    def _score(self, samples: list[dict]) -> list[list[float]]:
         from prefopt.data.collate import pad
         from prefopt.data.tokenize import pad_token_id
         from prefopt.models.logprobs import token_logps
 
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            step = self.role.score_batch  # no backward: may be more rows than a training micro-batch
-            out: list[list[float]] = []
-            for s in range(0, len(samples), step):
-                part = samples[s : s + step]
-                batch = pad([x["prompt_ids"] for x in part], [x["completion_ids"] for x in part],
-                            pad_token_id=pad_token_id(self.tokenizer))
-                batch = {k: v.to(accelerator_device()) for k, v in batch.items()}
-                if self.head == "lm":
-                    per_token = token_logps(self.model, batch)  # [B, T], 0 off the completion
-                    per_token, mask = per_token.cpu(), batch["loss_mask"].cpu()  # one device sync per micro-batch
-                    out += [per_token[i][mask[i]].tolist() for i in range(len(part))]
-                else:
-                    flat = self.completion_values(batch).cpu().tolist()  # [K], row by row
-                    at = 0
-                    for n in batch["lengths"].tolist():
-                        out.append(flat[at : at + n])
-                        at += n
-            return out
-        finally:
-            self.model.train(was_training)
+        step = self.role.score_batch  # no backward: may be more rows than a training micro-batch
+        out: list[list[float]] = []
+        for s in range(0, len(samples), step):
+            part = samples[s : s + step]
+            batch = pad([x["prompt_ids"] for x in part], [x["completion_ids"] for x in part],
+                        pad_token_id=pad_token_id(self.tokenizer))
+            batch = {k: v.to(accelerator_device()) for k, v in batch.items()}
+            if self.head == "lm":
+                per_token = token_logps(self.model, batch)  # [B, T], 0 off the completion
+                per_token, mask = per_token.cpu(), batch["loss_mask"].cpu()  # one device sync per micro-batch
+                out += [per_token[i][mask[i]].tolist() for i in range(len(part))]
+            else:
+                flat = self.completion_values(batch).cpu().tolist()  # [K], row by row
+                at = 0
+                for n in batch["lengths"].tolist():
+                    out.append(flat[at : at + n])
+                    at += n
+        return out
 
     # ------------------------------------------------------------------ checkpoints and export
 
@@ -265,7 +301,10 @@ class EngineWorker:
         from prefopt.storage import files_written, saving_to
 
         with saving_to(directory, tag) as local:
-            self.engine.save_checkpoint(local, tag=tag, client_state=client_state)
+            # With LoRA the frozen base is the model directory's, unchanged: only adapters (and
+            # anything trained fully) and their optimizer state are saved.
+            self.engine.save_checkpoint(local, tag=tag, client_state=client_state,
+                                        exclude_frozen_parameters=self.lora is not None)
             rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
             if torch.cuda.is_available():
                 rng["cuda"] = torch.cuda.get_rng_state()
@@ -278,7 +317,7 @@ class EngineWorker:
         from prefopt.storage import loading_from
 
         with loading_from(directory, tag, self.rank) as local:
-            _, client_state = self.engine.load_checkpoint(local, tag=tag)
+            _, client_state = self.engine.load_checkpoint(local, tag=tag, load_module_strict=self.lora is None)
             rng = torch.load(Path(local) / tag / f"rng_rank{self.rank}.pt", weights_only=False)
         random.setstate(rng["python"])
         np.random.set_state(rng["numpy"])
@@ -287,15 +326,36 @@ class EngineWorker:
             torch.cuda.set_rng_state(rng["cuda"])
         return client_state or {}
 
-    def export(self, out_dir: str) -> None:
-        """Save the model as a plain Hugging Face directory (ZeRO-3 shards gathered on rank 0)."""
+    def full_state_dict(self) -> dict | None:
+        """The whole model's state dict on rank 0 (None elsewhere); under ZeRO-3 every rank must call."""
         if self.zero_stage == 3:
-            state_dict = self.engine._zero3_consolidated_16bit_state_dict()  # every rank must call
+            state_dict = self.engine._zero3_consolidated_16bit_state_dict()  # gathered on rank 0
         else:
             state_dict = self.model.state_dict()
-        if self.rank == 0:
-            from prefopt.storage import writing_dir
+        return state_dict if self.rank == 0 else None
 
+    def export(self, out_dir: str, merged_dir: str | None = None) -> None:
+        """Save the model as a plain Hugging Face directory (ZeRO-3 shards gathered on rank 0).
+        With LoRA, out_dir gets peft's adapter directory, and merged_dir (when given) the base model
+        with the adapters merged in, loadable with plain transformers."""
+        state_dict = self.full_state_dict()
+        if self.rank != 0:
+            return
+        from prefopt.storage import writing_dir
+
+        if self.lora is None:
             with writing_dir(out_dir) as local:
                 self.model.save_pretrained(local, state_dict=state_dict)
                 self.tokenizer.save_pretrained(local)
+            return
+        from prefopt.models.lora import fully_trained, merge_adapter, outside_zero3, save_adapter
+
+        with writing_dir(out_dir) as adapter:
+            save_adapter(self.model, state_dict, adapter, fully_trained(self.lora, self.head))
+            self.tokenizer.save_pretrained(adapter)
+            if merged_dir is not None:
+                with outside_zero3():
+                    base = load_model(self.model_dir, self.head, DTYPES[self.cfg.model.dtype])
+                with writing_dir(merged_dir) as merged:
+                    merge_adapter(base, adapter, merged)
+                    self.tokenizer.save_pretrained(merged)

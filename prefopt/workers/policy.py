@@ -19,9 +19,11 @@ class PolicyWorker(RowLogps, Trainer):
         super().__init__(config_json, role="policy")
 
     def setup(self, model_dir: str, data_path: str | None = None, ref_cache=None,
-              ref_actors: list | None = None) -> dict:
+              ref_actors: list | None = None, base_reference: bool = False) -> dict:
         """Build the training engine and open the data. The reference comes as a filled RefCache
-        (read once, whole: a few bytes per row) or as ReferenceWorker handles asked per micro-batch."""
+        (read once, whole: a few bytes per row), as ReferenceWorker handles asked per micro-batch,
+        or (base_reference, LoRA's ref.mode adapters_off) from this rank's own model with its
+        adapters switched off, per micro-batch."""
         from prefopt.models.logprobs import resolve_packing
 
         info = self.build(model_dir, train=True)
@@ -33,6 +35,7 @@ class PolicyWorker(RowLogps, Trainer):
         # Spread live requests over the reference ranks; each policy rank always asks the same one.
         self.ref_actor = ref_actors[self.rank % len(ref_actors)] if ref_actors else None
         self.live: list | None = None
+        self.base_reference = base_reference
         return info | {"packing": self.packing}
 
     def use_data(self, data_path: str, ref_cache=None) -> int:
@@ -59,6 +62,9 @@ class PolicyWorker(RowLogps, Trainer):
                                 self.packing)
 
     def _reference(self, indices: list[int], micro: int) -> dict[str, np.ndarray] | None:
+        if self.base_reference:  # no gradient, no dropout: the base model's log-probs of these rows
+            with self._adapters(False):
+                return self.logps(indices)
         if self.live is not None:
             import ray
 
