@@ -35,6 +35,8 @@ class TrainResult:
     run_id: str
     timings: dict[str, float]
     param_bytes: list[int]  # parameter bytes held by each rank (its ZeRO-3 partition)
+    # Each rank's bytes at the end: param_bytes, trainable_param_bytes, optimizer_state_bytes (EngineWorker.memory)
+    memory: list[dict[str, int]] = field(default_factory=list)
 
 
 @dataclass
@@ -94,8 +96,10 @@ class Session:
         stage = infos[0]["zero_stage"]
         asked = role_config(self.cfg, name).deepspeed.zero_stage
         why = "" if stage == asked else f" ({asked} asked: one rank has nothing to partition)"
+        held, trained = infos[0]["param_bytes"], infos[0]["trainable_param_bytes"]
+        lora = f" ({trained / 2**20:.2f} MiB of LoRA adapters train)" if trained < held else ""
         self.console.print(f"{name}: {group.size} rank(s), ZeRO stage {stage}{why}, "
-                           f"{infos[0]['param_bytes'] / 2**20:.2f} MiB of parameters on rank 0")
+                           f"{held / 2**20:.2f} MiB of parameters on rank 0{lora}")
 
     def start_reference(self):
         """The reference role, holding the data (started once; later calls give the same group).
@@ -178,6 +182,8 @@ class Session:
 
     def finish(self, group, metrics: dict[str, float], name: str = "policy") -> TrainResult:
         """The end of every training: the trained model exported, logged to MLflow, its group shut down."""
+        memory = group.call("memory")
+        self.tracker.log_metrics({f"memory/{k}": float(v) for k, v in memory[0].items()}, step=self.cfg.train.max_steps)
         lora = self.cfg.model.lora
         # A scalar head (a reward model) is read as a plain directory (reward.model_path): merged always.
         merge = lora is not None and (lora.merge_on_export or self.spec.role(self.cfg, name).head == "scalar")
@@ -187,7 +193,7 @@ class Session:
             # A LoRA run logs its adapter (megabytes), never a merged copy of the base model.
             self.tracker.log_model_dir(model_dir if lora is None else (self.run.store / stages.ADAPTER_DIR).uri)
         return TrainResult(self.run.output_dir, model_dir, metrics, self.cfg.train.max_steps, self.tracker.run_id,
-                           self.timings, [info["param_bytes"] for info in self.infos[name]])
+                           self.timings, [info["param_bytes"] for info in self.infos[name]], memory)
 
 
 class AdaptersOff:

@@ -196,6 +196,24 @@ class EngineWorker:
         return {"rank": self.rank, "param_bytes": param_bytes(self.model), "zero_stage": self.zero_stage,
                 "trainable_param_bytes": trainable_param_bytes(self.model)}
 
+    def memory(self) -> dict[str, int]:
+        """What this rank holds, in bytes: its parameters (the ZeRO-3 partition, or all of them),
+        the part of them that trains, and the optimizer's state (Adam's moments, and the fp32
+        copy ZeRO steps when it keeps one). Read after a step, when the state exists."""
+        optimizer = getattr(self.engine, "optimizer", None)
+        base = getattr(optimizer, "optimizer", optimizer)  # ZeRO wraps the torch optimizer
+        state = 0
+        if isinstance(base, torch.optim.Optimizer):
+            own = {id(p) for p in self.model.parameters()}
+            for group in base.param_groups:
+                for p in group["params"]:
+                    state += 0 if id(p) in own else p.numel() * p.element_size()  # ZeRO's flat fp32 copy
+                    for value in base.state.get(p, {}).values():
+                        if torch.is_tensor(value) and value.dim() > 0:
+                            state += value.numel() * value.element_size()
+        return {"param_bytes": param_bytes(self.model), "trainable_param_bytes": trainable_param_bytes(self.model),
+                "optimizer_state_bytes": state}
+
     def _adapters(self, on: bool):
         """on: the model as trained; off: its base model (LoRA's reference). A model without adapters is its base."""
         from prefopt.models.lora import adapters_off

@@ -72,6 +72,47 @@ def test_ppo_gt_raises_the_task_reward_while_kl_rises(tmp_path, sft_model_dir):
     assert [m.step for m in history] == [0, 60]
 
 
+def test_lora_ppo_with_the_adapters_off_as_reference_raises_the_task_reward(tmp_path, sft_model_dir):
+    """configs/tiny/ppo_lora.yaml: LoRA adapters on policy and critic, the reference the policy's own
+    base model on its ranks (ref.mode adapters_off): no reference role, one copy of the weights."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = load_config(ROOT / "configs/tiny/ppo_lora.yaml", [f"model.path={sft_model_dir}", f"output_dir={tmp_path}",
+                                                           "eval.every_steps=null"])
+    result = train(cfg, quiet())
+    final = result.final_metrics
+    print(f"LoRA PPO-GT, {cfg.train.max_steps} iterations: eval/reward {final['eval/reward']:.3f} ± "
+          f"{final['eval/reward_se']:.3f} (reference {final['eval/reference_reward']:.3f}), eval/kl "
+          f"{final['eval/kl']:.2f}, win rate {final['eval/win_rate']:.2f} ± {final['eval/win_rate_se']:.2f}")
+    assert final["eval/reward"] >= final["eval/reference_reward"] + 0.03
+    assert final["eval/win_rate"] - 2 * final["eval/win_rate_se"] > 0.5
+    assert "reference_startup_seconds" not in result.timings  # no reference ranks
+    # One copy of the base weights on the policy rank: the base model's bytes plus the adapters'.
+    base_bytes = sum(p.numel() * 4 for p in AutoModelForCausalLM.from_pretrained(sft_model_dir).parameters())
+    (memory,) = result.memory
+    assert memory["param_bytes"] == base_bytes + memory["trainable_param_bytes"]
+    assert 0 < memory["trainable_param_bytes"] < 0.5 * base_bytes
+    assert (tmp_path / "adapter/adapter_config.json").is_file() and not (tmp_path / "model").exists()
+
+
+def test_lora_ppo_adapters_off_is_the_same_reference_as_a_separate_role(tmp_path, tiny_model_dir, ray_local):
+    """On two ZeRO-3 ranks, the reference as the adapters switched off gives the iterations a
+    separate reference role (holding the base model) gives."""
+    runs = {}
+    for mode in ("cache", "adapters_off"):
+        cfg = load_config(ROOT / "configs/tiny/ppo_lora.yaml", [
+            f"model.path={tiny_model_dir}", f"output_dir={tmp_path / mode}", *FAST, "train.max_steps=3",
+            # Critic-free (RLOO): two policy ranks and a reference rank fit the tests' local Ray.
+            "policy.num_workers=2", f"ref.mode={mode}", "train.lr=5e-3", "ppo.advantage=rloo",
+            "ppo.samples_per_prompt=2", "ppo.rollout_prompts=4"])
+        train(cfg, quiet())
+        runs[mode] = read_metrics(tmp_path / mode)
+    kls = [m["ppo/kl"] for m in runs["cache"]]
+    assert kls[0] == pytest.approx(0.0, abs=1e-5) and abs(kls[-1]) > 1e-3  # the policy moved from its base
+    for key in ("ppo/kl", "ppo/reward", "ppo/policy_loss"):
+        assert [m[key] for m in runs["adapters_off"]] == pytest.approx([m[key] for m in runs["cache"]], abs=1e-5), key
+
+
 def experience_of(policy_group, tokenizer):
     """A fixed rollout batch of 8: sampled once, with made-up advantages, values and returns."""
     prompts = [tokenizer(p).input_ids for p in ["The movie was", "I did not", "What a", "This is the"] * 2]
