@@ -21,6 +21,12 @@ allocator growth and process start-up are not counted for anyone.
 - prefopt: `prefopt.algorithms.offline.train` on one worker (Ray actor + DeepSpeed),
            reference log-probs precomputed once by the reference server (time reported
            separately: it is paid once and reused), packing on.
+- prefopt LoRA: the same with LoRA adapters (model.lora: rank 16, alpha 32, every linear layer
+           of the decoder blocks), the cache of the same base model reused.
+
+Memory, fp32, after one step: the bytes each rank holds under ZeRO-3 with 1 and 2 ranks, full and
+LoRA: parameters, the part of them that trains, and the optimizer's state (Adam's two moments and
+the fp32 copy ZeRO steps), as the rank reports them (EngineWorker.memory).
 
 Precision: every row states it, and every system in a row group runs in it.
 - fp32 (always): weights, activations, gradients and optimizer in fp32. TRL's DPOConfig turns
@@ -303,15 +309,15 @@ def bench_trl(model_dir: Path, tokenizer, pairs: list[dict], batch: int, lr: flo
 
 def bench_prefopt(model_dir: Path, pairs: list[dict], batch: int, lr: float, max_length: int,
                   threads: int, workdir: Path, shape: str, precision: str = "fp32", ref_mode: str = "cache",
-                  workers: int = 1, steps: int | None = None, num_params: int | None = None):
-    """-> (train seconds, reference seconds, parameter bytes per rank) for one epoch of prefopt.
+                  workers: int = 1, steps: int | None = None, num_params: int | None = None, lora: bool = False):
+    """-> (train seconds, reference seconds, each rank's memory) for one epoch of prefopt.
     With num_params, checks that rank 0 holds its parameters in the precision's dtype."""
     from prefopt.algorithms.offline import train
 
     dtype, model_dtype, _ = PRECISIONS[precision]
     data_file = workdir / f"{shape}.jsonl"
     data_file.write_text("".join(json.dumps(p) + "\n" for p in pairs))
-    out = workdir / f"prefopt-{shape}-{precision}-{ref_mode}-{workers}"
+    out = workdir / f"prefopt-{shape}-{precision}-{ref_mode}-{workers}{'-lora' if lora else ''}"
     cfg = load_config(ROOT / "configs/tiny/dpo.yaml", [
         f"model.path={model_dir}", f"model.dtype={model_dtype}", f"data.path={data_file}", "data.task=null",
         f"output_dir={out}", f"data.max_length={max_length}", f"data.max_prompt_length={max_length - 16}",
@@ -321,12 +327,14 @@ def bench_prefopt(model_dir: Path, pairs: list[dict], batch: int, lr: float, max
         f"policy.cpus_per_worker={threads}",
         f"policy.num_workers={workers}", "data.packing=true", f"ref.mode={ref_mode}",
         f"ref.cache_dir={workdir / 'refcache'}",
+        *(["model.lora.rank=16", "model.lora.alpha=32"] if lora else []),
     ])
     result = train(cfg, Console(file=io.StringIO()), resume=False)
     if num_params is not None:
         # The worker runs in a Ray actor, out of reach; the bytes it reports at setup tell the
         # dtype (DeepSpeed keeps the module's parameters in that dtype for the whole run).
-        bytes_per_param = result.param_bytes[0] / (num_params / workers)
+        bytes_per_param = (result.param_bytes[0] - result.memory[0]["trainable_param_bytes"] * lora) / (
+            num_params / workers)  # the base model's parameters: LoRA's adapters come on top
         itemsize = torch.empty((), dtype=dtype).element_size()
         if abs(bytes_per_param - itemsize) > 0.5:  # ZeRO partitions may pad a little
             message = f"prefopt: {bytes_per_param:.2f} bytes per parameter on rank 0, {dtype} has {itemsize}"
@@ -336,14 +344,15 @@ def bench_prefopt(model_dir: Path, pairs: list[dict], batch: int, lr: float, max
     # Two epochs were run; the second is timed (the first warms up the worker process).
     timed = steps_logged[len(steps_logged) // 2 :] if steps is None else steps_logged
     train_seconds = sum(m["tokens"] / m["tokens_per_second"] for m in timed)
-    return train_seconds, result.timings.get("reference_seconds", 0.0), result.param_bytes
+    return train_seconds, result.timings.get("reference_seconds", 0.0), result.memory
 
 
 # ----------------------------------------------------------------------------- main
 
 # Short labels: the table must fit 80 columns (rich's width when the output is not a terminal).
 SYSTEMS = [("PyTorch floor", "floor"), ("TRL live ref", "trl_live"), ("TRL precomputed ref", "trl_cached"),
-           ("prefopt live ref", "prefopt_live"), ("prefopt ref cache", "prefopt")]
+           ("prefopt live ref", "prefopt_live"), ("prefopt ref cache", "prefopt"),
+           ("prefopt LoRA, ref cache", "prefopt_lora")]
 NAN = float("nan")
 
 
@@ -374,6 +383,19 @@ def results_table(results: dict[str, dict[str, dict]], title: str) -> Table:
                 cells += [f"{value:.0f}", f"{value / r['floor']:.2f}"]
             table.add_row(label, PRECISIONS[precision][2], *cells)
         table.add_section()
+    return table
+
+
+def memory_table(memory: dict[str, list[dict[str, int]]]) -> Table:
+    table = Table(title="MiB per rank under ZeRO-3, fp32, after one DPO step (rank 0; EngineWorker.memory)")
+    for column in ("run", "parameters", "trained", "optimizer state", "/ full optimizer state"):
+        table.add_column(column, justify="left" if column == "run" else "right")
+    for run, ranks in memory.items():
+        full = memory[run.replace("LoRA", "full")][0]["optimizer_state_bytes"]
+        m = ranks[0]
+        table.add_row(run, *(f"{m[k] / 2**20:.3f}" for k in ("param_bytes", "trainable_param_bytes",
+                                                               "optimizer_state_bytes")),
+                      f"{m['optimizer_state_bytes'] / full:.3f}")
     return table
 
 
@@ -454,16 +476,22 @@ def main() -> None:
                     seconds, _, _ = bench_prefopt(model_dir, pairs, args.batch, lr, max_length, args.threads,
                                                   workdir, shape, precision, ref_mode="live", num_params=num_params)
                     row["prefopt_live"] = tokens / seconds
+                with console.status(f"{precision} {shape}: prefopt LoRA, one worker, reference cache"):
+                    seconds, _, _ = bench_prefopt(model_dir, pairs, args.batch, lr, max_length, args.threads,
+                                                  workdir, shape, precision, num_params=num_params, lora=True)
+                    row["prefopt_lora"] = tokens / seconds
             results[precision][shape] = row
 
-    # ZeRO-3 memory, fp32: parameter bytes each rank holds with 1 and with 2 ranks (1 step suffices).
-    zero3 = {}
+    # ZeRO-3 memory, fp32: what each rank holds with 1 and with 2 ranks, full and LoRA (1 step suffices).
+    zero3, memory = {}, {}
     if not args.skip_prefopt:
-        with console.status("parameter bytes per rank under ZeRO-3, 1 and 2 ranks"):
+        with console.status("bytes per rank under ZeRO-3, 1 and 2 ranks, full and LoRA"):
             pairs = make_pairs(tokenizer, "fixed", 8)
             for workers in (1, 2):
-                _, _, zero3[workers] = bench_prefopt(model_dir, pairs, 4, lr, 160, 1, workdir, "zero3",
-                                                     workers=workers, steps=1)
+                for lora in (False, True):
+                    _, _, memory[f"{workers} rank(s), {'LoRA' if lora else 'full'}"] = bench_prefopt(
+                        model_dir, pairs, 4, lr, 160, 1, workdir, "zero3", workers=workers, steps=1, lora=lora)
+                zero3[workers] = [m["param_bytes"] for m in memory[f"{workers} rank(s), full"]]
 
     console.print()
     print_environment(console, env)
@@ -491,6 +519,12 @@ def main() -> None:
         whole = zero3[1][0]
         console.print(f"ZeRO-3 parameter bytes per rank (fp32): 1 rank {whole / 2**20:.2f} MiB; 2 ranks "
                       + ", ".join(f"{b / 2**20:.2f} MiB ({b / whole:.2f})" for b in zero3[2]))
+        console.print(memory_table(memory))
+    for precision, by_shape in results.items():
+        for shape, r in by_shape.items():
+            if "prefopt_lora" in r:
+                console.print(f"{precision} {shape}: prefopt LoRA / full (both with the cache) = "
+                              f"{r['prefopt_lora'] / r['prefopt']:.2f}")
     report = {
         "environment": env,
         "precisions": {p: {"dtype": str(PRECISIONS[p][0]), "label": PRECISIONS[p][2]} for p in results},
@@ -498,6 +532,7 @@ def main() -> None:
         "how_bf16": HOW_BF16 if "bf16" in results else None,
         "results": results,
         "zero3_param_bytes": zero3,
+        "memory_per_rank": memory,
         "argv": sys.argv[1:],
     }
     text = json.dumps(report, indent=1)

@@ -200,17 +200,15 @@ class EngineWorker:
         """What this rank holds, in bytes: its parameters (the ZeRO-3 partition, or all of them),
         the part of them that trains, and the optimizer's state (Adam's moments, and the fp32
         copy ZeRO steps when it keeps one). Read after a step, when the state exists."""
+        def nbytes(tensors) -> int:
+            return sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t) and t.dim() > 0)
+
         optimizer = getattr(self.engine, "optimizer", None)
-        base = getattr(optimizer, "optimizer", optimizer)  # ZeRO wraps the torch optimizer
-        state = 0
-        if isinstance(base, torch.optim.Optimizer):
-            own = {id(p) for p in self.model.parameters()}
-            for group in base.param_groups:
-                for p in group["params"]:
-                    state += 0 if id(p) in own else p.numel() * p.element_size()  # ZeRO's flat fp32 copy
-                    for value in base.state.get(p, {}).values():
-                        if torch.is_tensor(value) and value.dim() > 0:
-                            state += value.numel() * value.element_size()
+        base = getattr(optimizer, "optimizer", optimizer)  # ZeRO and bf16 wrap the torch optimizer
+        # Keyed by what it steps; ZeRO-3 empties its param_groups between steps, so read the state itself.
+        state = sum(nbytes(v.values()) for v in base.state.values()) if isinstance(base, torch.optim.Optimizer) else 0
+        for copy in ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups", "fp32_groups_flat_partition"):
+            state += nbytes(getattr(optimizer, copy, None) or [])  # ZeRO-3, ZeRO-1/2, bf16: the fp32 master copy
         return {"param_bytes": param_bytes(self.model), "trainable_param_bytes": trainable_param_bytes(self.model),
                 "optimizer_state_bytes": state}
 
