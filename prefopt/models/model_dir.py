@@ -15,6 +15,9 @@ def model_config(path: str, field: str, error: type[Exception] = UserError) -> d
 
     config_file = Store.at(path) / "config.json"
     if not config_file.is_file():
+        if (Store.at(path) / "adapter_config.json").is_file():
+            raise error(f"{field}: {path} holds a LoRA adapter, not a model; use the run's merged export "
+                        "(output_dir/model, written with model.lora.merge_on_export: true) or its base model")
         raise error(f"{field}: {path} is not a Hugging Face model directory (no config.json)")
     return json.loads(config_file.read_text())
 

@@ -106,3 +106,15 @@ def test_adapters_off_starts_no_reference_role():
         lora = load_config(path, ["model.lora.rank=4", "ref.mode=adapters_off"])
         assert "reference" in [r.name for r in spec_for(full).roles(full)], path
         assert [r.name for r in spec_for(lora).roles(lora)] == ["policy"] + (["critic"] if "ppo" in path else [])
+
+
+def test_an_adapter_directory_given_as_a_model_says_what_to_use(tiny_model_dir, tmp_path):
+    from prefopt.errors import UserError
+    from prefopt.models.model_dir import model_config
+
+    model = add_adapters(tiny(tiny_model_dir), LoraConfig(rank=2), "lm")
+    save_adapter(model, model.state_dict(), tmp_path / "adapter", [])
+    with pytest.raises(UserError, match=r"model.path: .*adapter holds a LoRA adapter.*merge_on_export"):
+        model_config(str(tmp_path / "adapter"), "model.path")
+    with pytest.raises(UserError, match="no config.json"):
+        model_config(str(tmp_path), "model.path")
