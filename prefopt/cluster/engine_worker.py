@@ -342,10 +342,13 @@ class EngineWorker:
             torch.cuda.set_rng_state(rng["cuda"])
         return client_state or {}
 
-    def full_state_dict(self) -> dict | None:
-        """The whole model's state dict on rank 0 (None elsewhere); under ZeRO-3 every rank must call."""
-        if self.zero_stage == 3:
-            state_dict = self.engine._zero3_consolidated_16bit_state_dict()  # gathered on rank 0
+    def gathered_state_dict(self, trainable_only: bool = False) -> dict | None:
+        """The model's state dict on rank 0 (None elsewhere): every tensor, or only the parameters
+        that train (LoRA's adapters: no gather of the frozen base). Under ZeRO-3 every rank must call."""
+        if self.zero_stage == 3:  # gathered on rank 0
+            state_dict = self.engine._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=trainable_only)
+        elif trainable_only:
+            state_dict = {name: p.detach() for name, p in self.model.named_parameters() if p.requires_grad}
         else:
             state_dict = self.model.state_dict()
         return state_dict if self.rank == 0 else None
@@ -354,7 +357,7 @@ class EngineWorker:
         """Save the model as a plain Hugging Face directory (ZeRO-3 shards gathered on rank 0).
         With LoRA, out_dir gets peft's adapter directory, and merged_dir (when given) the base model
         with the adapters merged in, loadable with plain transformers."""
-        state_dict = self.full_state_dict()
+        state_dict = self.gathered_state_dict(trainable_only=self.lora is not None)
         if self.rank != 0:
             return
         from prefopt.storage import writing_dir

@@ -160,3 +160,26 @@ def test_adapters_off_on_the_policy_ranks_is_the_cached_base_model(tmp_path, tin
     assert curves["cache"][0] == pytest.approx(math.log(2), abs=1e-5)
     assert curves["cache"][-1] != pytest.approx(math.log(2), abs=1e-4)
     assert curves["adapters_off"] == pytest.approx(curves["cache"], abs=1e-5)
+
+
+def test_lora_under_zero2_saves_adapters_only_and_resumes_exactly(tmp_path, tiny_model_dir, ray_local):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"Review {i}:", "chosen": " a wonderful, moving film.",
+                                         "rejected": " a dull and tiresome mess."}) + "\n" for i in range(32)))
+    out = tmp_path / "run"
+    cfg = lora_config(out, tiny_model_dir, "data.task=null", f"data.path={pairs}", "train.max_steps=6",
+                      "train.save_steps=3", "policy.num_workers=2", "policy.deepspeed.zero_stage=2",
+                      "model.lora.merge_on_export=false")
+    console = recording()
+    train(cfg, console)
+    assert "ZeRO stage 2" in console.file.getvalue()
+    straight = read_metrics(out)
+    for states in (out / "checkpoints/step6").glob("*model_states.pt"):
+        module = torch.load(states, weights_only=False)["module"]
+        assert module and all(".lora_A." in n or ".lora_B." in n for n in module), list(module)[:5]
+    shutil.rmtree(out / "checkpoints/step6")
+    (out / "metrics.jsonl").write_text("".join(line + "\n" for line in
+                                               (out / "metrics.jsonl").read_text().splitlines()[:3]))
+    train(cfg, recording())
+    assert read_metrics(out)[-1]["loss"] == pytest.approx(straight[-1]["loss"], abs=1e-5)
+    assert straight[-1]["loss"] != pytest.approx(straight[2]["loss"], abs=1e-4)

@@ -53,3 +53,37 @@ def test_reward_model_on_two_zero3_ranks(tmp_path, tiny_model_dir, ray_local):
     assert len(result.param_bytes) == 2 and result.param_bytes[0] == result.param_bytes[1]
     config = json.loads((Path(result.model_dir) / "config.json").read_text())
     assert config["architectures"] == ["LlamaForSequenceClassification"] and len(config["id2label"]) == 1
+
+
+def test_lora_reward_model_on_two_zero3_ranks_exports_merged_with_its_head(tmp_path, tiny_model_dir, ray_local):
+    """LoRA adapters on the body, the new scalar head trained in full (in place, under ZeRO-3): the
+    export is merged, so reward.model_path can read it, and it scores the held-out pairs exactly
+    as the run measured them."""
+    from mlflow import MlflowClient
+    from transformers import AutoModelForSequenceClassification
+
+    from prefopt.data import TokenizedData
+    from prefopt.models.model_dir import check_reward_model
+
+    steps = 60
+    cfg = load_config(TINY_RM, [f"model.path={tiny_model_dir}", f"output_dir={tmp_path / 'run'}",
+                                f"train.max_steps={steps}", "policy.num_workers=2", "eval.every_steps=null",
+                                "eval.num_prompts=64", "model.lora.rank=8", "train.lr=3e-3"])
+    result = train(cfg, Console(file=io.StringIO()))
+    assert Path(result.model_dir) == tmp_path / "run" / "model"
+    check_reward_model(result.model_dir)
+    assert (tmp_path / "run" / "adapter" / "adapter_config.json").is_file()
+    assert result.memory[0]["trainable_param_bytes"] < 0.5 * result.memory[0]["param_bytes"]
+    history = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_metric_history(result.run_id, "eval/rm_accuracy")
+    accuracy = {m.step: m.value for m in history}
+    print(f"LoRA reward model, {steps} steps: held-out accuracy {accuracy[0]:.2f} -> {accuracy[steps]:.2f}")
+    assert accuracy[steps] >= accuracy[0] + 0.1
+    model = AutoModelForSequenceClassification.from_pretrained(result.model_dir).eval()
+    heldout = TokenizedData.open(next((tmp_path / "run" / "heldout").glob("tokenized-*")))
+    wins = 0
+    for row in heldout.rows(range(heldout.num_rows)):
+        with torch.no_grad():
+            chosen, rejected = (model(torch.tensor([row["prompt_ids"] + row[f"{side}_ids"]])).logits.item()
+                                for side in ("chosen", "rejected"))
+        wins += chosen > rejected
+    assert wins / heldout.num_rows == pytest.approx(accuracy[steps])
