@@ -143,7 +143,7 @@ def test_killed_lora_run_resumes_from_its_adapter_checkpoint_to_the_same_final_l
 
 def test_adapters_off_on_the_policy_ranks_is_the_cached_base_model(tmp_path, tiny_model_dir, ray_local):
     """ref.mode adapters_off (no reference role, no second copy) trains exactly as the cache of the
-    base model does: both references are the same model."""
+    base model does on two ZeRO-3 ranks: both references are the same model."""
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps({"prompt": f"Review {i}:", "chosen": " a wonderful, moving film.",
                                          "rejected": " a dull and tiresome mess."}) + "\n" for i in range(32)))
@@ -151,7 +151,7 @@ def test_adapters_off_on_the_policy_ranks_is_the_cached_base_model(tmp_path, tin
     for mode in ("cache", "adapters_off"):
         cfg = lora_config(tmp_path / mode, tiny_model_dir, f"ref.mode={mode}", "data.task=null",
                           f"data.path={pairs}", "train.max_steps=4", "train.save_steps=100",
-                          "model.lora.merge_on_export=false")
+                          "model.lora.merge_on_export=false", "policy.num_workers=2")
         result = train(cfg, recording())
         curves[mode] = [m["loss"] for m in read_metrics(tmp_path / mode)]
         if mode == "adapters_off":
