@@ -138,3 +138,17 @@ def test_rest_improve_from_grow_starts_each_improve_step_again_from_the_grow_pol
     # learnt the kept samples yet, so its first loss on them is higher than the trained policy's.
     assert losses["grow"][:3] == pytest.approx(losses["previous"][:3], abs=1e-6)
     assert losses["grow"][3] > losses["previous"][3] + 1e-3, losses
+
+
+def test_iterative_dpo_with_lora_takes_each_round_start_as_its_reference(tmp_path, tiny_model_dir, ray_local):
+    """With LoRA the round's reference is the adapted policy as the round began (the adapters on,
+    saved and reloaded from an adapter-only checkpoint), not the base model: ln 2 again at round 2."""
+    sets = [f"model.path={tiny_model_dir}", *ITERATIVE_SETS, "model.lora.rank=8", "train.lr=5e-3",
+            f"output_dir={tmp_path / 'run'}"]
+    result = train(load_config(ITERATIVE, sets), quiet())
+    steps = read_metrics(tmp_path / "run")
+    assert [m["step"] for m in steps] == list(range(1, 7))
+    assert steps[0]["loss"] == pytest.approx(0.6931, abs=1e-4)
+    assert steps[3]["loss"] == pytest.approx(0.6931, abs=1e-4)
+    assert steps[2]["loss"] < 0.69
+    assert Path(result.model_dir).name == "adapter"
