@@ -44,20 +44,12 @@ def lr_lambda(schedule: str, warmup: int, total: int):
     return factor
 
 
-def param_bytes(module: torch.nn.Module) -> int:
-    """Parameter bytes this rank holds: its ZeRO-3 partition, or the full tensors."""
+def param_bytes(module: torch.nn.Module, trainable_only: bool = False) -> int:
+    """Parameter bytes this rank holds: its ZeRO-3 partition, or the full tensors; trainable_only:
+    only those the optimizer steps (all of them, or LoRA's adapters)."""
     total = 0
     for p in module.parameters():
-        local = getattr(p, "ds_tensor", p)
-        total += local.numel() * local.element_size()
-    return total
-
-
-def trainable_param_bytes(module: torch.nn.Module) -> int:
-    """Bytes of this rank's share of the parameters the optimizer steps (all of them, or LoRA's adapters)."""
-    total = 0
-    for p in module.parameters():
-        if p.requires_grad:
+        if p.requires_grad or not trainable_only:
             local = getattr(p, "ds_tensor", p)
             total += local.numel() * local.element_size()
     return total
@@ -194,7 +186,7 @@ class EngineWorker:
         self.model = getattr(self.engine, "module", self.engine)  # the Hugging Face model (peft's, with LoRA)
         self.model.train(train)
         return {"rank": self.rank, "param_bytes": param_bytes(self.model), "zero_stage": self.zero_stage,
-                "trainable_param_bytes": trainable_param_bytes(self.model)}
+                "trainable_param_bytes": param_bytes(self.model, trainable_only=True)}
 
     def memory(self) -> dict[str, int]:
         """What this rank holds, in bytes: its parameters (the ZeRO-3 partition, or all of them),
@@ -209,7 +201,7 @@ class EngineWorker:
         state = sum(nbytes(v.values()) for v in base.state.values()) if isinstance(base, torch.optim.Optimizer) else 0
         for copy in ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups", "fp32_groups_flat_partition"):
             state += nbytes(getattr(optimizer, copy, None) or [])  # ZeRO-3, ZeRO-1/2, bf16: the fp32 master copy
-        return {"param_bytes": param_bytes(self.model), "trainable_param_bytes": trainable_param_bytes(self.model),
+        return {"param_bytes": param_bytes(self.model), "trainable_param_bytes": param_bytes(self.model, trainable_only=True),
                 "optimizer_state_bytes": state}
 
     def _adapters(self, on: bool):

@@ -16,11 +16,26 @@ ROOT = Path(__file__).resolve().parents[2]
 TINY_RM = ROOT / "configs/tiny/reward_model.yaml"
 
 
-def test_reward_model_learns_the_task_and_exports_for_transformers(tmp_path, tiny_model_dir, ray_local):
-    from mlflow import MlflowClient
+def export_accuracy(model_dir, run_dir) -> float:
+    """The exported reward model's accuracy on the run's held-out pairs, one sequence at a time."""
     from transformers import AutoModelForSequenceClassification
 
     from prefopt.data import TokenizedData
+
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    heldout = TokenizedData.open(next((Path(run_dir) / "heldout").glob("tokenized-*")))
+    wins = 0
+    for row in heldout.rows(range(heldout.num_rows)):
+        with torch.no_grad():
+            chosen, rejected = (model(torch.tensor([row["prompt_ids"] + row[f"{side}_ids"]])).logits.item()
+                                for side in ("chosen", "rejected"))
+        wins += chosen > rejected
+    return wins / heldout.num_rows
+
+
+def test_reward_model_learns_the_task_and_exports_for_transformers(tmp_path, tiny_model_dir, ray_local):
+    from mlflow import MlflowClient
+
 
     cfg = load_config(TINY_RM, [f"model.path={tiny_model_dir}", f"output_dir={tmp_path / 'run'}",
                                 "train.max_steps=120", "eval.every_steps=60", "eval.num_prompts=128"])
@@ -33,15 +48,7 @@ def test_reward_model_learns_the_task_and_exports_for_transformers(tmp_path, tin
     assert metrics[-1]["loss"] < metrics[0]["loss"] and {"rm/accuracy", "rm/margin"} <= metrics[-1].keys()
 
     # The export scores the held-out pairs, one sequence at a time, exactly as the run measured.
-    model = AutoModelForSequenceClassification.from_pretrained(result.model_dir).eval()
-    heldout = TokenizedData.open(next((tmp_path / "run" / "heldout").glob("tokenized-*")))
-    wins = 0
-    for row in heldout.rows(range(heldout.num_rows)):
-        with torch.no_grad():
-            chosen, rejected = (model(torch.tensor([row["prompt_ids"] + row[f"{side}_ids"]])).logits.item()
-                                for side in ("chosen", "rejected"))
-        wins += chosen > rejected
-    assert wins / heldout.num_rows == pytest.approx(accuracy[120])
+    assert export_accuracy(result.model_dir, tmp_path / "run") == pytest.approx(accuracy[120])
 
 
 def test_reward_model_on_two_zero3_ranks(tmp_path, tiny_model_dir, ray_local):
@@ -60,9 +67,7 @@ def test_lora_reward_model_on_two_zero3_ranks_exports_merged_with_its_head(tmp_p
     export is merged, so reward.model_path can read it, and it scores the held-out pairs exactly
     as the run measured them."""
     from mlflow import MlflowClient
-    from transformers import AutoModelForSequenceClassification
 
-    from prefopt.data import TokenizedData
     from prefopt.models.model_dir import check_reward_model
 
     steps = 60
@@ -78,12 +83,4 @@ def test_lora_reward_model_on_two_zero3_ranks_exports_merged_with_its_head(tmp_p
     accuracy = {m.step: m.value for m in history}
     print(f"LoRA reward model, {steps} steps: held-out accuracy {accuracy[0]:.2f} -> {accuracy[steps]:.2f}")
     assert accuracy[steps] >= accuracy[0] + 0.1
-    model = AutoModelForSequenceClassification.from_pretrained(result.model_dir).eval()
-    heldout = TokenizedData.open(next((tmp_path / "run" / "heldout").glob("tokenized-*")))
-    wins = 0
-    for row in heldout.rows(range(heldout.num_rows)):
-        with torch.no_grad():
-            chosen, rejected = (model(torch.tensor([row["prompt_ids"] + row[f"{side}_ids"]])).logits.item()
-                                for side in ("chosen", "rejected"))
-        wins += chosen > rejected
-    assert wins / heldout.num_rows == pytest.approx(accuracy[steps])
+    assert export_accuracy(result.model_dir, tmp_path / "run") == pytest.approx(accuracy[steps])
