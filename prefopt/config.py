@@ -513,6 +513,40 @@ class EvalConfig(Section):
     sampling: SamplingConfig = SamplingConfig()
 
 
+class RolloutConfig(Section):
+    """Who samples the policy (docs/rollout.md): its own ZeRO-3 ranks through Hugging Face
+    `generate` (hf), or vLLM engines as Ray actors in their own Python environment (vllm), into
+    which the policy's weights are pushed after every update and checked."""
+
+    engine: Literal["hf", "vllm"] = Field("hf", description="hf: the policy's ranks sample; vllm: vLLM engines do")
+    num_engines: int = Field(1, ge=1, description="vLLM engines; each prompt batch is split across them")
+    cpus_per_engine: float = Field(1, gt=0)
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per engine (vLLM's tensor parallelism); "
+                                      "0 GPUs on a CPU cluster")
+    gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="share of each engine GPU's memory vLLM "
+                                          "takes for weights and KV cache")
+    cpu_kv_cache_gb: float = Field(1, gt=0, description="KV cache per engine on CPU (VLLM_CPU_KVCACHE_SPACE)")
+    python: str | None = Field(None, description="the vLLM environment's python; null: $PREFOPT_VLLM_PYTHON, "
+                               "else .venv-vllm/bin/python of this checkout (make vllm-env)")
+    bucket_mb: float = Field(256, gt=0, description="weights gathered and sent per message of a sync")
+    start_timeout_s: float = Field(600, gt=0, description="an engine that is not serving by then ends the run")
+    timeout_s: float = Field(300, gt=0, description="a weight sync or a generate call that takes longer ends "
+                             "the run, in one line naming the engine and the step")
+    check_every: int = Field(1, ge=0, description="check the sync every N syncs (0: never): the engine's "
+                             "log-probs of fixed sequences against the policy's own")
+    check_sequences: int = Field(4, ge=1, description="fixed sequences (training prompts) the check scores")
+    check_tolerance: float | None = Field(None, gt=0, description="largest |engine - policy| log-prob allowed; "
+                                          "null: 1e-3 in float32, 0.1 in bfloat16 / float16")
+    check_greedy: bool = Field(False, description="also compare greedy completions of the fixed sequences "
+                               "(rollout/sync_greedy_match: 1 when every one is equal)")
+
+    def as_role(self, on_gpus: bool) -> RoleConfig:
+        """The engines as a role, for the cluster's fit checks: on_gpus (the policy has GPUs), one
+        GPU per tensor-parallel rank."""
+        return RoleConfig(num_workers=self.num_engines, cpus_per_worker=self.cpus_per_engine,
+                          gpus_per_worker=self.tensor_parallel_size if on_gpus else 0)
+
+
 class RunConfig(Section):
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
@@ -530,6 +564,7 @@ class RunConfig(Section):
     critic: CriticConfig = CriticConfig()
     rest: RestConfig = RestConfig()
     iterative: IterativeConfig = IterativeConfig()
+    rollout: RolloutConfig = RolloutConfig()
     output_dir: str = Field("runs/default", description="a local path, or s3://, gs://, hdfs:// (docs/storage.md)")
 
     @model_validator(mode="before")

@@ -9,7 +9,8 @@ reward (the built-in task's ground truth on the controller — the DPO paper's P
 trained reward model on its own ranks). One train step is one PPO iteration:
 
     prompts      ppo.rollout_prompts of the data, K = ppo.samples_per_prompt times each
-    generate     policy ranks: completions and their log-probs (the sampling policy's own)
+    generate     policy ranks, or vLLM engines (rollout.engine): completions and their log-probs
+                 (the policy's own forward's; an engine's are logged beside them)
     score        at once, each role on its own ranks (a task reward on the controller meanwhile):
                    reward      one number per completion (EOS penalty, whitening, clipping)
                    reference   per-token log-probs -> per-token KL (k1, k2 or k3)
@@ -278,13 +279,14 @@ def train(cfg: RunConfig, console, *, resume: bool | None = None) -> TrainResult
             # After the policy: with ref.mode adapters_off (LoRA) the reference is its ranks, adapters off.
             reference = s.start_reference()
             evaluator = s.evaluator()
+            sampler = s.sampler(policy)  # the policy's ranks, or vLLM engines synced after each update
 
             def iteration(step: int) -> dict[str, float]:
                 """PPO iteration `step` (0-based): rollouts, scores, advantages, the update."""
                 clock = PhaseClock()
                 picked = rollout_prompts(cfg, step, len(prompt_ids))
                 prompts = [prompt_ids[i] for i in picked]
-                samples = policy.split("generate", prompts, sampling, p.sampling.seed * 1_000_003 + step)
+                samples = sampler.split("generate", prompts, sampling, p.sampling.seed * 1_000_003 + step)
                 completions = [x["completion_ids"] for x in samples]
                 clock.lap("generate")
                 items = [{"prompt_ids": q, "completion_ids": c} for q, c in zip(prompts, completions, strict=True)]
@@ -299,6 +301,8 @@ def train(cfg: RunConfig, console, *, resume: bool | None = None) -> TrainResult
                 plan = minibatch_plan(cfg.train.seed, step, b.rollout, b.minibatch, p.epochs)
                 metrics |= update(policy, critic, experience, plan, clock)
                 clock.lap("update")
+                sampler.updated(step + 1)
+                metrics |= sampler.metrics()  # rollout/*: this iteration's sync, its check, engine vs policy log-probs
                 kl.update(metrics["ppo/kl"], b.rollout)
                 s.state["kl_controller"] = kl.state_dict()
                 return metrics | clock.times | {"loss": metrics["ppo/policy_loss"], "step_seconds": clock.step_seconds,

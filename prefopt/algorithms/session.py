@@ -52,6 +52,7 @@ class Session:
     tracker: object = None
     timings: dict = field(default_factory=dict)
     state: dict = field(default_factory=dict)  # saved in every checkpoint's state file
+    state_objects: dict = field(default_factory=dict)  # made once per session: the sampler
 
     @classmethod
     @contextmanager
@@ -158,11 +159,33 @@ class Session:
         with self.console.status(f"sampling the reference on {self.cfg.eval.num_prompts} test prompts"):
             return Evaluator(self.cfg, self.inputs.tokenizer, reference)
 
+    def sampler(self, policy):
+        """Who samples `policy` (rollout.engine): its own ranks, or vLLM engines started here
+        (once; shut down with the session) and synced before they sample weights they lack."""
+        if "sampler" not in self.state_objects:
+            from prefopt.rollout.sampler import make_sampler
+
+            prompts = self.inputs.data.table["prompt_ids"].to_pylist()[: self.cfg.rollout.check_sequences]
+            self.state_objects["sampler"] = self.own(make_sampler(
+                self.cfg, policy, str(self.inputs.model_dir), self.inputs.tokenizer, prompts, self.console))
+        return self.state_objects["sampler"]
+
     def evaluation(self, evaluator, group):
-        """run_steps' `evaluate` for `group` (None without an evaluator)."""
+        """run_steps' `evaluate` for `group` (None without an evaluator), sampled through the
+        session's sampler: with vLLM engines, synced with the weights of that step first."""
         if evaluator is None:
             return None
-        return lambda step: log_evaluation(evaluator, group, step, self.tracker, self.console)
+        sampler = self.sampler(group)
+
+        def evaluate(step: int) -> dict[str, float]:
+            sampler.updated(step)
+            metrics = log_evaluation(evaluator, sampler, step, self.tracker, self.console)
+            rollout = sampler.metrics()
+            if rollout:  # the sync this evaluation made, if any
+                self.tracker.log_metrics(rollout, step=step)
+            return metrics
+
+        return evaluate
 
     def saver(self, *names: str):
         """run_steps' `save`: every rank of each named group saves its part (the first: the

@@ -107,7 +107,10 @@ def _placements(cfg: RunConfig, roles) -> list:
     role the algorithm starts."""
     from prefopt.algorithm_spec import placements
 
-    return placements(cfg, roles)
+    placed = placements(cfg, roles)
+    if roles is None and cfg.rollout.engine == "vllm":  # the engines live beside every role
+        placed.append(("rollout", "rollout", cfg.rollout.as_role(on_gpus=cfg.policy.gpus_per_worker > 0)))
+    return placed
 
 
 def preflight(cfg: RunConfig, console, *, roles=None, tracking: bool = True) -> None:
@@ -135,6 +138,10 @@ def preflight(cfg: RunConfig, console, *, roles=None, tracking: bool = True) -> 
     if cfg.model.dtype == "float16" and len(gpu_roles) < len(placed):
         raise PreflightError("model.dtype: float16 needs GPUs (DeepSpeed's fp16 mode does not run on CPU ranks); "
                              "use float32 or bfloat16, or give every role gpus_per_worker")
+    if cfg.rollout.engine == "vllm":
+        from prefopt.rollout.sampler import check_environment
+
+        check_environment(cfg, on_gpus=cfg.policy.gpus_per_worker > 0)
     if tracking:
         from prefopt.tracking.store import check_reachable
 

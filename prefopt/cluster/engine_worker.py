@@ -300,6 +300,72 @@ class EngineWorker:
                     at += n
         return out
 
+    # ------------------------------------------------------------------ weight sync (rollout.engine: vllm)
+
+    def push_weights(self, engines: list | None, bucket_bytes: int, timeout_s: float, step: int) -> dict[str, float]:
+        """Send the model's weights to vLLM engines (prefopt.rollout): every rank gathers each
+        bucket of parameters together (a ZeRO-3 collective), rank 0 sends it to every engine and
+        the engines reload once all have arrived. `engines` on rank 0, None elsewhere. Bounded by
+        `timeout_s` on rank 0: an engine that does not take a bucket in time ends the sync in one
+        line. -> {seconds, bytes} on rank 0."""
+        import time
+
+        from prefopt.rollout.weights import plain_weights, weight_units
+
+        t0 = time.perf_counter()
+        deadline = t0 + timeout_s
+        model = self._transformers_model()
+        sent, in_flight, bucket, size = 0, [], [], 0
+
+        def flush() -> None:
+            nonlocal sent, in_flight, bucket, size
+            with self._gathered([p for unit in bucket for _, p in unit]):
+                if engines is not None:
+                    named = [pair for unit in bucket for pair in plain_weights(model, unit)]
+                    sent += sum(t.numel() * t.element_size() for _, t in named)
+                    # One bucket travels while the next is gathered; never more, so rank 0 holds two at most.
+                    self._wait_engines(in_flight, deadline, timeout_s, step, "weight sync")
+                    in_flight = [engine.receive.remote(named) for engine in engines]
+            bucket, size = [], 0
+
+        for unit in weight_units(model):
+            bucket.append(unit)
+            size += sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for _, p in unit)
+            if size >= bucket_bytes:
+                flush()
+        if bucket:
+            flush()
+        if engines is None:
+            return {}
+        self._wait_engines(in_flight, deadline, timeout_s, step, "weight sync")
+        self._wait_engines([engine.commit.remote() for engine in engines], deadline, timeout_s, step, "weight reload")
+        return {"seconds": time.perf_counter() - t0, "bytes": float(sent)}
+
+    def _gathered(self, params: list):
+        if self.zero_stage != 3:
+            return nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params)
+
+    @staticmethod
+    def _wait_engines(refs: list, deadline: float, timeout_s: float, step: int, what: str) -> None:
+        import time
+
+        import ray
+
+        from prefopt.cluster.worker_group import ClusterError
+
+        try:
+            ray.get(refs, timeout=max(0.0, deadline - time.perf_counter()))
+        except ray.exceptions.GetTimeoutError:
+            raise ClusterError(f"rollout: the {what} at step {step} did not finish within rollout.timeout_s="
+                               f"{timeout_s:g}s (an engine is stuck or gone); resume the run, and raise "
+                               "rollout.timeout_s if the model is large") from None
+        except ray.exceptions.RayActorError as exc:
+            raise ClusterError(f"rollout: a vLLM engine died during the {what} at step {step}: "
+                               f"{str(exc).splitlines()[0]}; resume the run (a fresh engine starts)") from None
+
     # ------------------------------------------------------------------ checkpoints and export
 
     def save_checkpoint(self, directory: str, tag: str, client_state: dict) -> list[tuple[str, int, str]]:

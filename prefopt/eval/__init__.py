@@ -61,7 +61,8 @@ class Evaluator:
         # The same seed at every evaluation: successive points differ by the policy, not the dice.
         self.seed = cfg.eval.sampling.seed
         self.prompts, self.prompt_ids = eval_prompts(cfg, tokenizer)
-        self.fingerprint = fingerprint(cfg.data.task, self.prompts, cfg.eval.sampling.model_dump(), self.k)
+        self.fingerprint = fingerprint(cfg.data.task, self.prompts, cfg.eval.sampling.model_dump(), self.k,
+                                       cfg.rollout.engine)
         # Each prompt k times in a row: the workers draw k different completions of it.
         self.sampled_prompts = [p for p in self.prompts for _ in range(self.k)]
         self.sampled_ids = [ids for ids in self.prompt_ids for _ in range(self.k)]
@@ -111,12 +112,15 @@ class Evaluator:
         return EvalResult(metrics, rows)
 
 
-def fingerprint(task: str, prompts: list[str], sampling: dict, samples_per_prompt: int) -> str:
+def fingerprint(task: str, prompts: list[str], sampling: dict, samples_per_prompt: int, engine: str = "hf") -> str:
     """What makes two evaluations comparable, hashed: the task (its reward), the prompt texts, the
-    sampler (seed included), samples per prompt and the KL estimator."""
+    sampler (seed included, and the engine: vLLM draws other samples from the same seed),
+    samples per prompt and the KL estimator."""
     import hashlib
     import json
 
     spec = {"task": task, "prompts": hashlib.sha256("\x00".join(prompts).encode()).hexdigest(),
             "sampling": sampling, "samples_per_prompt": samples_per_prompt, "kl": KL_ESTIMATOR}
+    if engine != "hf":  # hf runs keep the fingerprints they had before there was a choice
+        spec["engine"] = engine
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
