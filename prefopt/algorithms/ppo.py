@@ -301,8 +301,8 @@ def train(cfg: RunConfig, console, *, resume: bool | None = None) -> TrainResult
                 plan = minibatch_plan(cfg.train.seed, step, b.rollout, b.minibatch, p.epochs)
                 metrics |= update(policy, critic, experience, plan, clock)
                 clock.lap("update")
-                sampler.updated(step + 1)
-                metrics |= sampler.metrics()  # rollout/*: this iteration's sync, its check, engine vs policy log-probs
+                sampler.updated(step + 1)  # vLLM engines take the new weights now, checked
+                metrics |= sampler.metrics()  # rollout/*: that sync, its check, engine vs policy log-probs
                 kl.update(metrics["ppo/kl"], b.rollout)
                 s.state["kl_controller"] = kl.state_dict()
                 return metrics | clock.times | {"loss": metrics["ppo/policy_loss"], "step_seconds": clock.step_seconds,

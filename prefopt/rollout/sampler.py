@@ -2,7 +2,7 @@
 
     sampler = make_sampler(cfg, policy, model_dir, tokenizer, check_prompts, console)
     samples = sampler.split("generate", prompts, sampling, seed)   as WorkerGroup.split gives them
-    sampler.updated(step)           the policy's weights changed: the next generate syncs first
+    sampler.updated(step)           the policy holds step's weights now: the engines take them
     metrics = sampler.metrics()     rollout/* since the last call
 
 With rollout.engine: vllm, a sync sends the policy's weights to every engine (EngineWorker.
@@ -21,6 +21,7 @@ import os
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 from prefopt.cluster.worker_group import ClusterError
@@ -129,12 +130,15 @@ class VLLMSampler:
                     "cpu_kv_cache_gb": r.cpu_kv_cache_gb}
         env = {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "VLLM_CPU_KVCACHE_SPACE": f"{r.cpu_kv_cache_gb:g}",
                "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-        remote = ray.remote(VLLMEngine).options(
-            num_cpus=r.cpus_per_engine, num_gpus=r.tensor_parallel_size if on_gpus else 0,
-            runtime_env={"py_executable": str(vllm_python(cfg)), "env_vars": env})
+        options = {"num_cpus": r.cpus_per_engine, "num_gpus": r.tensor_parallel_size if on_gpus else 0,
+                   "runtime_env": {"py_executable": str(vllm_python(cfg)), "env_vars": env}}
+        remote = ray.remote(VLLMEngine)
         t0 = time.perf_counter()
         with console.status(f"starting {r.num_engines} vLLM engine(s)"):
-            self.engines = [remote.remote(model_dir, cfg.model.dtype, settings) for _ in range(r.num_engines)]
+            # Named, so that `ray list actors` shows which is which: rollout-engine<i>-<driver pid>-<uuid>.
+            tag = f"{os.getpid()}-{uuid.uuid4().hex[:6]}"
+            self.engines = [remote.options(name=f"rollout-engine{i}-{tag}", **options).remote(model_dir, cfg.model.dtype, settings)
+                            for i in range(r.num_engines)]
             self.versions = self._wait([e.versions.remote() for e in self.engines], r.start_timeout_s, "start",
                                        "rollout.start_timeout_s")[0]
         console.print(f"rollout: {r.num_engines} vLLM {self.versions['vllm']} engine(s) serving in "
@@ -145,7 +149,11 @@ class VLLMSampler:
     # -------------------------------------------------------------- what a stage calls
 
     def updated(self, step: int) -> None:
-        self.dirty, self.step = True, step
+        """The policy holds the weights of `step` now: the engines take them at once (once per step),
+        so the sync's metrics belong to the step whose weights it carried."""
+        if step != self.step or self.dirty:
+            self.step, self.dirty = step, True
+            self.sync()
 
     def metrics(self) -> dict[str, float]:
         out, self._metrics = self._metrics, {}
