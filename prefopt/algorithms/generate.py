@@ -45,7 +45,7 @@ SCHEMA = pa.schema([("prompt", pa.string()), ("prompt_index", pa.int64()), ("sam
 # Parts of the manifest that decide the samples: a difference in one of them is another data set.
 # (model_dir is recorded for the user but not compared: the weights' fingerprint is what counts.)
 DECISIVE = ("generator_weights", "dtype", "data", "num_prompts", "sampling", "num_samples", "prompts_per_shard",
-            "policy_ranks")
+            "policy_ranks", "engine")
 
 
 class GeneratedMismatch(UserError, ValueError):
@@ -134,8 +134,10 @@ def manifest_for(cfg: RunConfig, model_dir: Path, tokenizer, prompts: Prompts,
         "eos_token": tokenizer.eos_token,
         "eos_token_id": tokenizer.eos_token_id,
     }
+    if cfg.rollout.engine != "hf":  # vLLM draws other samples from the same seeds; hf manifests stay as they were
+        manifest["engine"] = cfg.rollout.engine
     # The ranks are left out of the fingerprint: a complete output is what it is, whatever the ranks now.
-    decided = {k: manifest[k] for k in DECISIVE if k != "policy_ranks"}
+    decided = {k: manifest[k] for k in DECISIVE if k != "policy_ranks" and k in manifest}
     manifest["fingerprint"] = hashlib.sha256(json.dumps(decided, sort_keys=True).encode()).hexdigest()
     plan = shards.plan(len(prompts.ids) * g.num_samples, g.prompts_per_shard * g.num_samples, digits=5)
     manifest |= {"num_shards": len(plan), "shards": shards.plan_entries(plan)}
@@ -243,9 +245,16 @@ def run(cfg: RunConfig, console) -> str:
     stages.connect(cfg, roles=[SAMPLER])
     # Inference only: no optimizer, no data.
     policy, _ = stages.start_group(cfg, "policy", console, SAMPLER.worker_class(), "build", str(model_dir), train=False)
+    sampler = None
     try:
-        sample_shards(cfg, policy, prompts, samples, console, todo=list(problems))
+        from prefopt.rollout.sampler import make_sampler
+
+        # rollout.engine: vllm samples on engines (the policy's ranks give the samples' log-probs).
+        sampler = make_sampler(cfg, policy, str(model_dir), tokenizer, prompts.ids, console)
+        sample_shards(cfg, sampler, prompts, samples, console, todo=list(problems))
     finally:
+        if sampler is not None:
+            sampler.shutdown()
         policy.shutdown()
     console.print(f"generated {len(prompts.ids) * g.num_samples} completions in {store}")
     return store.uri

@@ -162,7 +162,9 @@ def grow(s: Session, policy, scorer, prompts, phase: Phase, phases: list[Phase])
         console.print(f"grow {phase.grow + 1}: {len(chosen.ids)} prompts x {g.samples_per_prompt} samples"
                       + (f" ({len(samples.shards) - len(todo)} of {len(samples.shards)} shards already there)"
                          if len(todo) < len(samples.shards) else ""))
-        generate.sample_shards(gen_cfg, policy, chosen, samples, console, todo=todo)
+        sampler = s.sampler(policy)  # the policy's ranks, or vLLM engines given the weights of step `first`
+        sampler.updated(first)
+        generate.sample_shards(gen_cfg, sampler, chosen, samples, console, todo=todo)
     generated, tables = label.read_generated(samples.store)
     cache = label.ScoreCache(store, scorer.description, generated.shards)
     scores = label.score_shards(scorer, generated, tables, cache, console)

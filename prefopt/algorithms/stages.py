@@ -108,7 +108,7 @@ def _placements(cfg: RunConfig, roles) -> list:
     from prefopt.algorithm_spec import placements
 
     placed = placements(cfg, roles)
-    if roles is None and cfg.rollout.engine == "vllm":  # the engines live beside every role
+    if cfg.rollout.engine == "vllm" and any(name == "policy" for name, _, _ in placed):  # engines sample the policy
         placed.append(("rollout", "rollout", cfg.rollout.as_role(on_gpus=cfg.policy.gpus_per_worker > 0)))
     return placed
 

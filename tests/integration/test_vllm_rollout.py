@@ -163,3 +163,29 @@ def test_a_killed_engine_ends_the_run_in_one_line_and_resume_starts_a_fresh_one(
     assert [m["step"] for m in metrics][-3:] == [4, 5, 6]
     assert all(m["rollout/sync_max_abs_diff"] < 1e-4 for m in metrics[-3:])
     assert not [a for a in ray.util.list_named_actors() if a.startswith("rollout-engine")]  # shut down with the run
+
+
+def test_generate_through_vllm_writes_the_greedy_samples_hf_writes(tmp_path, model32, vllm_env, ray_local):
+    """`prefopt generate` with rollout.engine: vllm: the same shards' rows as the policy's own ranks
+    give greedily (texts, token counts, the policy's log-probs), and a manifest that keeps the two apart."""
+    import pyarrow.parquet as pq
+
+    from prefopt.algorithms import generate
+
+    tables, manifests = {}, {}
+    for engine in ("hf", "vllm"):
+        cfg = load_config(ROOT / "configs/tiny/onpolicy.yaml", [
+            f"model.path={model32}", f"output_dir={tmp_path / engine}", "data.num_examples=6",
+            "generate.prompts_per_shard=3", "generate.num_samples=2", "generate.sampling.max_new_tokens=12",
+            "generate.sampling.greedy=true", f"rollout.engine={engine}"])
+        out = Path(generate.run(cfg, quiet()))
+        tables[engine] = [pq.read_table(p).to_pylist() for p in sorted(out.glob("shard-*.parquet"))]
+        manifests[engine] = json.loads((out / "manifest.json").read_text())
+    assert len(tables["vllm"]) == 2
+    for hf_shard, vllm_shard in zip(tables["hf"], tables["vllm"], strict=True):
+        for a, b in zip(hf_shard, vllm_shard, strict=True):
+            assert (a["completion"], a["completion_tokens"], a["finished"]) == (b["completion"], b["completion_tokens"],
+                                                                              b["finished"])
+            assert a["logprob"] == pytest.approx(b["logprob"], abs=1e-4)
+    assert manifests["vllm"]["engine"] == "vllm" and "engine" not in manifests["hf"]
+    assert manifests["vllm"]["fingerprint"] != manifests["hf"]["fingerprint"]
