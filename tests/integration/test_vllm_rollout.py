@@ -3,6 +3,7 @@ policy's weights pushed into them from two ZeRO-3 ranks after every update, the 
 PPO on the engines' samples, and a killed engine ending the run in one line and a fresh one
 taking over on resume."""
 
+import contextlib
 import io
 import json
 import os
@@ -58,19 +59,21 @@ def read_metrics(output_dir) -> list[dict]:
 
 
 def ppo_config(out, model_dir, *overrides):
-    return load_config(ROOT / "configs/tiny/ppo.yaml", [f"model.path={model_dir}", f"output_dir={out}", *FAST,
+    return load_config(ROOT / "configs/tiny/ppo_vllm.yaml", [f"model.path={model_dir}", f"output_dir={out}", *FAST,
                                                         *overrides])
 
 
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_engine_greedy_samples_equal_the_policy_after_every_update_on_two_zero3_ranks(
-        tmp_path, model32, vllm_env, ray_local):
+        tmp_path, model32, vllm_env, ray_local, lora):
+    """With LoRA the engine gets the merged weights, W + scaling * B @ A, under the base's names."""
     from transformers import AutoTokenizer
 
     from prefopt.cluster.worker_group import WorkerGroup
     from prefopt.rollout.sampler import VLLMSampler
     from prefopt.workers.ppo import PPOPolicyWorker
 
-    cfg = ppo_config(tmp_path, model32)
+    cfg = ppo_config(tmp_path, model32, *(["model.lora.rank=4", "train.lr=2e-2"] if lora else []))
     tokenizer = AutoTokenizer.from_pretrained(model32)
     prompts = [tokenizer(p).input_ids for p in ["The movie was", "I did not", "What a", "This is the"] * 2]
     policy = WorkerGroup(PPOPolicyWorker, cfg.policy, cfg.cluster, name="policy", key="policy",
@@ -189,3 +192,39 @@ def test_generate_through_vllm_writes_the_greedy_samples_hf_writes(tmp_path, mod
             assert a["logprob"] == pytest.approx(b["logprob"], abs=1e-4)
     assert manifests["vllm"]["engine"] == "vllm" and "engine" not in manifests["hf"]
     assert manifests["vllm"]["fingerprint"] != manifests["hf"]["fingerprint"]
+
+
+def test_a_stuck_engine_ends_the_run_in_one_line_within_its_timeout(tmp_path, model32, vllm_env, ray_local):
+    """An engine that stops answering (its process stopped, as a hung NCCL call or a swapped-out
+    host would leave it) ends the run after rollout.timeout_s, never a hang."""
+    import signal
+
+    from ray.util.state import list_actors
+
+    cfg = ppo_config(tmp_path, model32, "train.max_steps=6", "rollout.check_greedy=false", "rollout.timeout_s=10")
+    stopped: dict = {}
+
+    def stop_after_step_2():
+        log = tmp_path / "metrics.jsonl"
+        while not log.exists() or len(read_metrics(tmp_path)) < 2:
+            time.sleep(0.1)
+        (engine,) = list_actors(filters=[("class_name", "=", "VLLMEngine"), ("state", "=", "ALIVE")])
+        os.kill(engine.pid, signal.SIGSTOP)
+        stopped.update(at=time.monotonic(), pid=engine.pid)
+
+    stopper = threading.Thread(target=stop_after_step_2, daemon=True)
+    stopper.start()
+    try:
+        with pytest.raises(ClusterError) as err:
+            train(cfg, quiet())
+        ended = time.monotonic()
+    finally:
+        stopper.join(timeout=5)
+        if "pid" in stopped:  # killed with the run already, but never leave a process stopped
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(stopped["pid"], signal.SIGCONT)
+    message = str(err.value)
+    assert message.startswith("rollout: the ") and "did not finish within rollout.timeout_s=10s" in message
+    assert "\n" not in message
+    # The sync or generate waiting on it gave up within its 10 s (plus the step it was in).
+    assert ended - stopped["at"] < 10 + 20
