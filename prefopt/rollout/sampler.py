@@ -75,7 +75,7 @@ def check_environment(cfg: RunConfig, on_gpus: bool) -> dict[str, str]:
     import ray
     import torch
 
-    from prefopt.algorithms.stages import PreflightError
+    from prefopt.algorithms.checkpoints import PreflightError
 
     python = vllm_python(cfg)
     if not python.exists():

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from prefopt.algorithms.stages import PreflightError
+from prefopt.algorithms.checkpoints import PreflightError
 from prefopt.config import LoraConfig, RunConfig, load_config
 from prefopt.errors import UserError
 from prefopt.rollout.weights import plain_weights, weight_units
