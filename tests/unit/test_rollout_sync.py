@@ -85,3 +85,16 @@ def test_rollout_settings_are_validated():
     assert RunConfig.model_fields["rollout"].default.engine == "hf"
     with pytest.raises(Exception, match="rollout.engine"):
         load_config(None, ["data.task=imdb_sentiment", "rollout.engine=sglang"])
+
+
+def test_a_sweep_with_vllm_engines_is_refused_before_anything_starts(tmp_path):
+    from pathlib import Path
+
+    from prefopt.sweep.runner import run_sweep
+    from prefopt.sweep.spec import SweepError, load_sweep
+
+    tiny = Path(__file__).resolve().parents[2] / "configs/tiny"
+    sweep = load_sweep(tiny / "ppo_vllm.yaml", grids=["train.lr=1e-4,1e-3"], output_dir=str(tmp_path))
+    with pytest.raises(SweepError, match=r"rollout.engine: vllm does not run in a sweep yet"):
+        run_sweep(sweep, None)
+    assert not list(tmp_path.iterdir())  # nothing written, nothing started
