@@ -257,4 +257,8 @@ def trial_bundles(cfg: RunConfig) -> tuple[list[dict[str, float]], dict[str, lis
         else:
             slots[name] = list(range(len(bundles), len(bundles) + rc.num_workers))
             bundles += [shape for _ in range(rc.num_workers)]
+    if cfg.rollout.engine == "vllm" and "policy" in slots:  # vLLM engines live beside the policy
+        engines = cfg.rollout.as_role(on_gpus=cfg.policy.gpus_per_worker > 0)
+        slots["rollout"] = list(range(len(bundles), len(bundles) + engines.num_workers))
+        bundles += [bundle_of(engines) for _ in range(engines.num_workers)]
     return bundles, slots

@@ -115,6 +115,18 @@ def in_trial_bundles(placement_group, slots: dict[str, list[int]]):
         _TRIAL.clear()
 
 
+def trial_strategy(name: str, index: int):
+    """Inside a sweep trial, the scheduling strategy that puts actor `index` of role `name` into
+    its bundle of the trial's placement group (prefopt.algorithm_spec.trial_bundles); None
+    outside one. For actors that are not a WorkerGroup's ranks (vLLM engines)."""
+    if not _TRIAL:
+        return None
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    return PlacementGroupSchedulingStrategy(placement_group=_TRIAL["placement_group"],
+                                            placement_group_bundle_index=_TRIAL["slots"][name][index])
+
+
 class WorkerGroup:
     """`role.num_workers` actors of `actor_cls`, gang-scheduled in one placement group and rendezvoused.
 

@@ -24,7 +24,7 @@ import time
 import uuid
 from pathlib import Path
 
-from prefopt.cluster.worker_group import ClusterError
+from prefopt.cluster.worker_group import ClusterError, trial_strategy
 from prefopt.config import RunConfig
 from prefopt.errors import UserError
 
@@ -133,12 +133,16 @@ class VLLMSampler:
         options = {"num_cpus": r.cpus_per_engine, "num_gpus": r.tensor_parallel_size if on_gpus else 0,
                    "runtime_env": {"py_executable": str(vllm_python(cfg)), "env_vars": env}}
         remote = ray.remote(VLLMEngine)
+        def in_trial(i: int) -> dict:  # a sweep trial reserved the engines' bundles
+            strategy = trial_strategy("rollout", i)
+            return {"scheduling_strategy": strategy} if strategy is not None else {}
+
         t0 = time.perf_counter()
         with console.status(f"starting {r.num_engines} vLLM engine(s)"):
             # Named, so that `ray list actors` shows which is which: rollout-engine<i>-<driver pid>-<uuid>.
             tag = f"{os.getpid()}-{uuid.uuid4().hex[:6]}"
-            self.engines = [remote.options(name=f"rollout-engine{i}-{tag}", **options).remote(model_dir, cfg.model.dtype, settings)
-                            for i in range(r.num_engines)]
+            self.engines = [remote.options(name=f"rollout-engine{i}-{tag}", **options, **in_trial(i))
+                            .remote(model_dir, cfg.model.dtype, settings) for i in range(r.num_engines)]
             self.versions = self._wait([e.versions.remote() for e in self.engines], r.start_timeout_s, "start",
                                        "rollout.start_timeout_s")[0]
         console.print(f"rollout: {r.num_engines} vLLM {self.versions['vllm']} engine(s) serving in "

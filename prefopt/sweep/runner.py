@@ -68,10 +68,6 @@ def run_sweep(sweep: Sweep, console) -> SweepResult:
     from prefopt.storage import Store
 
     runnable = sweep.valid_trials()
-    if any(t.config.rollout.engine == "vllm" for t in runnable):
-        # A trial reserves its roles' bundles before it starts (trial.py); the engines are not among them yet.
-        raise SweepError(f"{sweep.source}: rollout.engine: vllm does not run in a sweep yet (the trials' reserved "
-                         "resources do not include the engines); sweep with rollout.engine: hf")
     if not runnable:
         first = sweep.trials[0]
         raise SweepError(f"no trial of the sweep has a valid config; {first.error}")

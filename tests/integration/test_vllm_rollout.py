@@ -228,3 +228,29 @@ def test_a_stuck_engine_ends_the_run_in_one_line_within_its_timeout(tmp_path, mo
     assert "\n" not in message
     # The sync or generate waiting on it gave up within its 10 s (plus the step it was in).
     assert ended - stopped["at"] < 10 + 20
+
+
+def test_a_sweep_runs_each_trials_engine_in_the_trials_reservation(tmp_path, model32, vllm_env):
+    """`prefopt sweep` over two seeds of PPO through vLLM, as a user runs it (its own process, its
+    own local Ray): each trial's engine takes the bundle its trial reserved, and is checked."""
+    import subprocess
+    import sys
+
+    from mlflow import MlflowClient
+
+    sets = [f"model.path={model32}", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", "train.max_steps=2",
+            *(s for s in FAST if not s.startswith("policy.num_workers")), "policy.num_workers=1"]
+    args = [sys.executable, "-m", "prefopt", "sweep", str(ROOT / "configs/tiny/ppo_vllm.yaml"), "--grid",
+            "train.lr=1e-3", "--seeds", "2", "--output-dir", str(tmp_path / "sweep"),
+            *(a for s in sets for a in ("--set", s))]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=900, cwd=ROOT,
+                          env=os.environ | {"DS_ACCELERATOR": "cpu", "COLUMNS": "200"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    trials = [r for r in runs if "prefopt.sweep.trial" in r.data.tags]
+    assert len(trials) == 2
+    for r in trials:
+        assert r.info.status == "FINISHED"
+        checks = client.get_metric_history(r.info.run_id, "rollout/sync_max_abs_diff")
+        assert [m.step for m in checks] == [0, 1, 2] and all(m.value < 1e-4 for m in checks)

@@ -87,14 +87,15 @@ def test_rollout_settings_are_validated():
         load_config(None, ["data.task=imdb_sentiment", "rollout.engine=sglang"])
 
 
-def test_a_sweep_with_vllm_engines_is_refused_before_anything_starts(tmp_path):
-    from pathlib import Path
+def test_a_sweep_trial_reserves_a_bundle_for_each_engine():
+    from prefopt.algorithm_spec import trial_bundles
 
-    from prefopt.sweep.runner import run_sweep
-    from prefopt.sweep.spec import SweepError, load_sweep
-
-    tiny = Path(__file__).resolve().parents[2] / "configs/tiny"
-    sweep = load_sweep(tiny / "ppo_vllm.yaml", grids=["train.lr=1e-4,1e-3"], output_dir=str(tmp_path))
-    with pytest.raises(SweepError, match=r"rollout.engine: vllm does not run in a sweep yet"):
-        run_sweep(sweep, None)
-    assert not list(tmp_path.iterdir())  # nothing written, nothing started
+    sets = ["data.task=imdb_sentiment", "algorithm.name=ppo", "data.format=prompt_only", "ppo.advantage=rloo",
+            "ppo.samples_per_prompt=2", "policy.num_workers=2"]
+    hf_bundles, hf_slots = trial_bundles(load_config(None, sets))
+    bundles, slots = trial_bundles(load_config(None, [*sets, "rollout.engine=vllm", "rollout.num_engines=2",
+                                                      "rollout.cpus_per_engine=3"]))
+    assert "rollout" not in hf_slots
+    assert bundles[: len(hf_bundles)] == hf_bundles and {k: v for k, v in slots.items() if k != "rollout"} == hf_slots
+    assert [bundles[i] for i in slots["rollout"]] == [{"CPU": 3.0}, {"CPU": 3.0}]
+    assert slots["rollout"] == [len(hf_bundles), len(hf_bundles) + 1]
