@@ -139,6 +139,8 @@ def test_a_killed_engine_ends_the_run_in_one_line_and_resume_starts_a_fresh_one(
     import ray
 
     cfg = ppo_config(tmp_path, model32, "train.max_steps=6", "rollout.check_greedy=false")
+    straight = train(ppo_config(tmp_path / "straight", model32, "train.max_steps=6", "rollout.check_greedy=false"),
+                     quiet()).final_metrics
     killed: dict = {}
 
     def kill_after_step_3():
@@ -161,9 +163,12 @@ def test_a_killed_engine_ends_the_run_in_one_line_and_resume_starts_a_fresh_one(
     assert ended - killed["at"] < cfg.rollout.timeout_s
     assert 3 <= len(read_metrics(tmp_path)) < 6
 
-    train(cfg, quiet())  # resumes from the last checkpoint; a new engine takes the checkpoint's weights
+    resumed = train(cfg, quiet()).final_metrics  # from the last checkpoint; a new engine takes its weights
     metrics = read_metrics(tmp_path)
     assert [m["step"] for m in metrics][-3:] == [4, 5, 6]
+    # vLLM draws each prompt from its own seed: the resumed run samples what the unbroken one did.
+    for key in ("ppo/reward", "ppo/kl", "ppo/policy_loss", "eval/reward", "eval/kl"):
+        assert resumed[key] == pytest.approx(straight[key], abs=1e-5), key
     assert all(m["rollout/sync_max_abs_diff"] < 1e-4 for m in metrics[-3:])
     assert not [a for a in ray.util.list_named_actors() if a.startswith("rollout-engine")]  # shut down with the run
 
