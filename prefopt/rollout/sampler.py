@@ -133,6 +133,7 @@ class VLLMSampler:
         options = {"num_cpus": r.cpus_per_engine, "num_gpus": r.tensor_parallel_size if on_gpus else 0,
                    "runtime_env": {"py_executable": str(vllm_python(cfg)), "env_vars": env}}
         remote = ray.remote(VLLMEngine)
+
         def in_trial(i: int) -> dict:  # a sweep trial reserved the engines' bundles
             strategy = trial_strategy("rollout", i)
             return {"scheduling_strategy": strategy} if strategy is not None else {}
@@ -143,8 +144,12 @@ class VLLMSampler:
             tag = f"{os.getpid()}-{uuid.uuid4().hex[:6]}"
             self.engines = [remote.options(name=f"rollout-engine{i}-{tag}", **options, **in_trial(i))
                             .remote(model_dir, cfg.model.dtype, settings) for i in range(r.num_engines)]
-            self.versions = self._wait([e.versions.remote() for e in self.engines], r.start_timeout_s, "start",
-                                       "rollout.start_timeout_s")[0]
+            try:
+                self.versions = self._wait([e.versions.remote() for e in self.engines], r.start_timeout_s, "start",
+                                           "rollout.start_timeout_s")[0]
+            except BaseException:
+                self.shutdown()  # the session never saw this sampler: its engines go now
+                raise
         console.print(f"rollout: {r.num_engines} vLLM {self.versions['vllm']} engine(s) serving in "
                       f"{time.perf_counter() - t0:.0f}s; weights synced after every update, checked every "
                       f"{r.check_every or 'no'} sync(s)")
